@@ -1,0 +1,30 @@
+// kdengine._C: loading this module registers the kdengine:: torch ops (the TORCH_LIBRARY
+// fragments in csrc/ops) and exposes what was compiled.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#ifndef KDENGINE_VERSION
+#define KDENGINE_VERSION "0+unknown"
+#endif
+#ifndef KDENGINE_CUDA_ARCHS
+#define KDENGINE_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kdengine compiled operators (CPU always; CUDA when built with a CUDA toolkit)";
+  m.def("build_info", [] {
+    py::dict info;
+    info["version"] = KDENGINE_VERSION;
+    info["torch_version"] = TORCH_VERSION;
+    py::list backends;
+    backends.append("cpu");
+#ifdef KDENGINE_WITH_CUDA
+    backends.append("cuda");
+#endif
+    info["backends"] = backends;
+    info["cuda_archs"] = KDENGINE_CUDA_ARCHS;
+    return info;
+  }, "Version, torch version built against, compiled backends and CUDA architectures.");
+}

@@ -1,0 +1,91 @@
+// Per-pixel channel reductions shared by the CPU kernels of cosine_similarity_map and adm_pool:
+// dot(s, t), |s|^2 and |t|^2 over C for a run of pixels, in either memory layout.
+// Loops keep kLanes independent accumulators so the compiler vectorises them without
+// reassociating a single float sum (no -ffast-math needed).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace kdengine {
+namespace cpu {
+
+constexpr int64_t kLanes = 8;
+// Pixels handled together in the NCHW layout: a [C, kTile] block of both inputs stays in L2
+// between the similarity pass and the pooling pass, so memory is read once.
+constexpr int64_t kTile = 64;
+
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> to_acc(scalar_t v) {
+  return static_cast<at::opmath_type<scalar_t>>(v);
+}
+
+// NCHW: pixels [p0, p0 + n) of one image (s, t point at the image's [C, HW] block).
+// Writes dot/ns/nt for the n pixels (n <= kTile).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void channel_sums_nchw(const scalar_t* s, const scalar_t* t, int64_t C, int64_t HW,
+                              int64_t p0, int64_t n, acc_t* dot, acc_t* ns, acc_t* nt) {
+  std::fill(dot, dot + n, acc_t(0));
+  std::fill(ns, ns + n, acc_t(0));
+  std::fill(nt, nt + n, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* sr = s + c * HW + p0;
+    const scalar_t* tr = t + c * HW + p0;
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t a = to_acc(sr[p]);
+      const acc_t b = to_acc(tr[p]);
+      dot[p] += a * b;
+      ns[p] += a * a;
+      nt[p] += b * b;
+    }
+  }
+}
+
+// NHWC: one pixel's channel vectors s[0..C), t[0..C).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void channel_sums_nhwc(const scalar_t* s, const scalar_t* t, int64_t C, acc_t& dot,
+                              acc_t& ns, acc_t& nt) {
+  acc_t d[kLanes] = {}, a2[kLanes] = {}, b2[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t a = to_acc(s[c + l]);
+      const acc_t b = to_acc(t[c + l]);
+      d[l] += a * b;
+      a2[l] += a * a;
+      b2[l] += b * b;
+    }
+  }
+  for (int64_t l = 0; c < C; ++c, ++l) {
+    const acc_t a = to_acc(s[c]);
+    const acc_t b = to_acc(t[c]);
+    d[l] += a * b;
+    a2[l] += a * a;
+    b2[l] += b * b;
+  }
+  dot = ns = nt = acc_t(0);
+  for (int64_t l = 0; l < kLanes; ++l) {
+    dot += d[l];
+    ns += a2[l];
+    nt += b2[l];
+  }
+}
+
+// Cosine as F.cosine_similarity: dot / (max(|s|, eps) * max(|t|, eps)).
+template <typename acc_t>
+inline acc_t cosine_from_sums(acc_t dot, acc_t norm_s, acc_t norm_t, acc_t eps) {
+  return dot / (std::max(norm_s, eps) * std::max(norm_t, eps));
+}
+
+// How to split B images x HW pixels over threads: chunks of whole tiles per image, enough
+// units to keep every thread busy when B is small (B=1 segmentation maps).
+inline int64_t pixel_chunks(int64_t B, int64_t HW, int64_t threads) {
+  const int64_t tiles = (HW + kTile - 1) / kTile;
+  const int64_t wanted = std::max<int64_t>(1, (4 * threads + B - 1) / B);
+  return std::min(tiles, wanted);
+}
+
+}  // namespace cpu
+}  // namespace kdengine

@@ -1,0 +1,8 @@
+// Schemas of the detached feature MSE: mean((feat_s - feat_t)^2), no gradient into feat_t.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(kdengine, m) {
+  m.def("feature_mse(Tensor feat_s, Tensor feat_t) -> Tensor");
+  // grad_s = grad * 2 * (feat_s - feat_t) / numel, in feat_s's layout.
+  m.def("_feature_mse_backward(Tensor grad, Tensor feat_s, Tensor feat_t) -> Tensor");
+}

@@ -1,0 +1,1 @@
+"""Triton kernels of the kdengine ops (second GPU path; CPU under TRITON_INTERPRET=1)."""

@@ -1,0 +1,86 @@
+"""Builds kdengine._C: the CPU kernels always, the CUDA kernels when a CUDA toolkit and a CUDA
+build of torch are present.
+
+Environment overrides:
+  KDENGINE_FORCE_CUDA=1   build the CUDA kernels even if torch sees no GPU (build machines)
+  KDENGINE_SKIP_CUDA=1    never build them
+  TORCH_CUDA_ARCH_LIST    architectures to compile for (default: sm_80 and sm_90)
+"""
+import glob
+import os
+import re
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version() -> str:
+    with open(os.path.join(ROOT, "kdengine", "_version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def want_cuda() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+    import torch
+
+    if os.environ.get("KDENGINE_SKIP_CUDA") == "1":
+        return False
+    if os.environ.get("KDENGINE_FORCE_CUDA") == "1":
+        return True
+    return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def cuda_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST as given, else sm_80 and sm_90; torch turns it into -gencode flags."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+
+
+def extensions() -> list:
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    version = read_version()
+    cxx = ["-O3", "-std=c++17", f'-DKDENGINE_VERSION="{version}"']
+    common = ["csrc/kdengine.cpp"] + sources("csrc/ops/*.cpp") + sources("csrc/ops/cpu/*.cpp")
+    if want_cuda():
+        arch_list = cuda_arch_list()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by torch's nvcc flag builder
+        archs = ",".join(a.strip() for a in re.split(r"[ ;]+", arch_list) if a.strip())
+        defines = ["-DKDENGINE_WITH_CUDA", f'-DKDENGINE_CUDA_ARCHS="{archs}"']
+        return [
+            CUDAExtension(
+                "kdengine._C",
+                common + sources("csrc/ops/cuda/*.cu"),
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={
+                    "cxx": cxx + defines,
+                    "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + defines,
+                },
+            )
+        ]
+    return [
+        CppExtension(
+            "kdengine._C",
+            common,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx},
+        )
+    ]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    version=read_version(),
+    packages=find_packages(include=["kdengine", "kdengine.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_class()},
+)

@@ -44,7 +44,8 @@ def extensions() -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     version = read_version()
-    cxx = ["-O3", "-std=c++17", f'-DKDENGINE_VERSION="{version}"']
+    # -fno-trapping-math lets GCC turn the masked gradient loops into vector selects.
+    cxx = ["-O3", "-std=c++17", "-fno-trapping-math", f'-DKDENGINE_VERSION="{version}"']
     common = ["csrc/kdengine.cpp"] + sources("csrc/ops/*.cpp") + sources("csrc/ops/cpu/*.cpp")
     if want_cuda():
         arch_list = cuda_arch_list()

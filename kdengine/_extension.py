@@ -9,6 +9,8 @@ import importlib.util
 import os
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.kdengine.*)
 

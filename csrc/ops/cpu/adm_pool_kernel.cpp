@@ -184,7 +184,8 @@ at::Tensor adm_pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor
           const scalar_t* xr = xp + bc * HW;
           scalar_t* orow = out + bc * HW;
           for (int64_t p = 0; p < HW; ++p) {
-            orow[p] = static_cast<scalar_t>(to_acc(xr[p]) > acc_t(0) ? scale * arow[p] : acc_t(0));
+            const acc_t value = scale * arow[p];  // computed unconditionally: a select, not a branch
+            orow[p] = static_cast<scalar_t>(to_acc(xr[p]) > acc_t(0) ? value : acc_t(0));
           }
         }
       });
@@ -196,7 +197,8 @@ at::Tensor adm_pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor
           const scalar_t* xr = xp + bp * C;
           scalar_t* orow = out + bp * C;
           for (int64_t c = 0; c < C; ++c) {
-            orow[c] = static_cast<scalar_t>(to_acc(xr[c]) > acc_t(0) ? w * grow[c] : acc_t(0));
+            const acc_t value = w * grow[c];
+            orow[c] = static_cast<scalar_t>(to_acc(xr[c]) > acc_t(0) ? value : acc_t(0));
           }
         }
       });

@@ -95,7 +95,7 @@ def _cmd_bench_ops(args) -> int:
         table.add_row(r["case"], r["op"], r["mode"], r["provider"], f"{r['median_ms']:.3f}",
                       f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}",
                       str(r["speedup_vs_eager"]), str(r["speedup_vs_compile"]))
-    Console().print(table)
+    Console(width=max(160, Console().width)).print(table)  # full rows also when piped to a log
     if config.output:
         print(f"appended {len(rows)} rows to {config.output}")
     return 0

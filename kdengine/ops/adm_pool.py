@@ -118,7 +118,7 @@ def _register(forward_name: str, backward_name: str) -> None:
     )
 
 
-def _triton_forward(feat_s, feat_t, eps):
+def _triton_forward(feat_s, feat_t, eps=1e-5):
     from .triton import adm_pool as kernels
 
     return kernels.adm_pool_forward(feat_s, feat_t, eps)

@@ -86,7 +86,7 @@ def _register(forward_name: str, backward_name: str) -> None:
     )
 
 
-def _triton_forward(feat_s, feat_t, eps):
+def _triton_forward(feat_s, feat_t, eps=COS_EPS):
     from .triton import cosine_similarity_map as kernels
 
     return kernels.cosine_similarity_map_forward(feat_s, feat_t, eps)

@@ -173,8 +173,9 @@ def _adm_backward_kernel(
 
 
 def _partials_blocks(C: int, HW: int, channels_last: bool) -> tuple[int, int, bool]:
-    """``(BLOCK_C, BLOCK_P, one_tile)`` of the forward kernel. Tiles are at most _TILE elements
-    per input and at least 16 along each axis; the unit-stride axis gets the longer side."""
+    """``(BLOCK_C, BLOCK_P, one_tile)`` of the forward kernel: tiles of at most _TILE elements
+    per input, at least 16 along each axis; in the two-pass case the unit-stride axis gets the
+    longer side. Reasonable defaults, not yet tuned on a GPU."""
     block_c = pow2_block(C, 16, _TILE)
     if block_c * 16 <= _TILE:  # the whole channel vector of >= 16 pixels fits in one tile
         return block_c, pow2_block(HW, 16, min(64, _TILE // block_c)), True

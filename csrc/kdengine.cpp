@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
+#include "ops/cpu/buffer_cache.h"
+
 #ifndef KDENGINE_VERSION
 #define KDENGINE_VERSION "0+unknown"
 #endif
@@ -27,4 +29,6 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = KDENGINE_CUDA_ARCHS;
     return info;
   }, "Version, torch version built against, compiled backends and CUDA architectures.");
+  m.def("cpu_buffer_cache_bytes", &kdengine::cpu::buffer_cache_bytes,
+        "Bytes held by the CPU kernels' cache of large output buffers.");
 }

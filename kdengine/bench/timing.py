@@ -106,4 +106,6 @@ def provenance(device: torch.device) -> dict:
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(),
+        # the CPU kernels' output-buffer cache (csrc/ops/cpu/buffer_cache.h); 0 = off
+        "cpu_buffer_cache_mb": int(os.environ.get("KDENGINE_CPU_BUFFER_CACHE_MB", "1024")),
     }

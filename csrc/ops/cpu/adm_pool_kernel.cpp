@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "buffer_cache.h"
 #include "pixel_cosine.h"
 
 namespace kdengine {
@@ -169,7 +170,7 @@ at::Tensor adm_pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor
   const auto acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor g = grad_pooled.to(acc_type).contiguous();
   const at::Tensor a = attn.to(acc_type).contiguous();
-  at::Tensor grad = at::empty_like(x);  // same layout as the input it differentiates
+  at::Tensor grad = empty_like_cached(x);  // same layout as the input it differentiates
   if (x.numel() == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adm_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

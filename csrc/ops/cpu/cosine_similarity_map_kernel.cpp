@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "buffer_cache.h"
 #include "pixel_cosine.h"
 
 namespace kdengine {
@@ -80,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_map_backward_cpu(
   const at::Tensor S = sim.to(acc_type).contiguous();
   const at::Tensor Ns = norm_s.to(acc_type).contiguous();
   const at::Tensor Nt = norm_t.to(acc_type).contiguous();
-  at::Tensor grad_s = at::empty_like(s);
-  at::Tensor grad_t = at::empty_like(t);
+  at::Tensor grad_s = empty_like_cached(s);
+  at::Tensor grad_t = empty_like_cached(t);
   if (s.numel() == 0) return {grad_s, grad_t};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "cosine_similarity_map_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

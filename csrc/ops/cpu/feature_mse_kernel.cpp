@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "buffer_cache.h"
 #include "pixel_cosine.h"
 
 namespace kdengine {
@@ -67,7 +68,7 @@ at::Tensor feature_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& fe
               grad.sizes());
   auto [s, t] = flat_pair(feat_s, feat_t);
   const int64_t N = s.numel();
-  at::Tensor out = at::empty_like(s);
+  at::Tensor out = empty_like_cached(s);
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "feature_mse_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

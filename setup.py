@@ -44,8 +44,9 @@ def extensions() -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     version = read_version()
+    # The C++ standard is the one torch passes for its own headers.
     # -fno-trapping-math lets GCC turn the masked gradient loops into vector selects.
-    cxx = ["-O3", "-std=c++17", "-fno-trapping-math", f'-DKDENGINE_VERSION="{version}"']
+    cxx = ["-O3", "-fno-trapping-math", f'-DKDENGINE_VERSION="{version}"']
     common = ["csrc/kdengine.cpp"] + sources("csrc/ops/*.cpp") + sources("csrc/ops/cpu/*.cpp")
     if want_cuda():
         arch_list = cuda_arch_list()
@@ -59,7 +60,7 @@ def extensions() -> list:
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={
                     "cxx": cxx + defines,
-                    "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + defines,
+                    "nvcc": ["-O3", "-lineinfo"] + defines,
                 },
             )
         ]

@@ -109,6 +109,8 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
+// ------------------------------------------------------------------------------ launch helpers
+
 // Template arguments for dispatch_vec_layout's launch callback.
 template <int V>
 struct VecWidth {

@@ -13,12 +13,13 @@ namespace kdengine {
 namespace kernels {
 namespace detail {
 
-constexpr int64_t kMseMaxBlocks = 1024;    // partial sums: enough blocks to fill any GPU
-constexpr int64_t kMseVectorsPerThread = 4;  // fewer blocks for small N
+constexpr int64_t kMseMaxBlocks = 1024;         // partial sums: enough blocks to fill any GPU
+constexpr int64_t kMseElementsPerThread = 64;  // fewer blocks for small N
 
+// Blocks of the partial-sum kernel: a function of N only, so the result is the same on every GPU
+// and the workspace size is known before the launch.
 inline int64_t feature_mse_blocks(int64_t N) {
-  const int64_t vectors = ceil_div(N, 16);  // by the widest vector, so dtype does not matter
-  return min64(ceil_div(vectors, kThreads * kMseVectorsPerThread), kMseMaxBlocks);
+  return min64(ceil_div(N, kThreads * kMseElementsPerThread), kMseMaxBlocks);
 }
 
 template <typename scalar_t, int kVec>

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include <vector>
 
 #include "../checks.h"
@@ -130,7 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adm_pool_cpu(const at
                                                                         const at::Tensor& feat_t,
                                                                         double eps) {
   check_feature_pair("adm_pool", feat_s, feat_t);
-  auto [s, layout] = dense_feature(feat_s);
+  at::Tensor s;
+  Layout layout;
+  std::tie(s, layout) = dense_feature(feat_s);
   const at::Tensor t = in_layout(feat_t, layout);
   const int64_t B = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3);
   const auto acc_type = at::toOpMathType(s.scalar_type());
@@ -165,7 +169,9 @@ at::Tensor adm_pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor
               op, ": grad_pooled must be [B, C] = [", feat.size(0), ", ", feat.size(1),
               "], got ", grad_pooled.sizes());
   check_pixel_map(op, "attn", attn, feat);
-  auto [x, layout] = dense_feature(feat);
+  at::Tensor x;
+  Layout layout;
+  std::tie(x, layout) = dense_feature(feat);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const auto acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor g = grad_pooled.to(acc_type).contiguous();

@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "../checks.h"
 #include "buffer_cache.h"
 #include "pixel_cosine.h"
@@ -20,7 +22,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_similarity_map_cpu(const a
                                                                          const at::Tensor& feat_t,
                                                                          double eps) {
   check_feature_pair("cosine_similarity_map", feat_s, feat_t);
-  auto [s, layout] = dense_feature(feat_s);
+  at::Tensor s;
+  Layout layout;
+  std::tie(s, layout) = dense_feature(feat_s);
   const at::Tensor t = in_layout(feat_t, layout);
   const int64_t B = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), HW = H * W;
   const auto acc_type = at::toOpMathType(s.scalar_type());
@@ -73,7 +77,9 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_map_backward_cpu(
   check_pixel_map(op, "sim", sim, feat_s);
   check_pixel_map(op, "norm_s", norm_s, feat_s);
   check_pixel_map(op, "norm_t", norm_t, feat_s);
-  auto [s, layout] = dense_feature(feat_s);
+  at::Tensor s;
+  Layout layout;
+  std::tie(s, layout) = dense_feature(feat_s);
   const at::Tensor t = in_layout(feat_t, layout);
   const int64_t B = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
   const auto acc_type = at::toOpMathType(s.scalar_type());

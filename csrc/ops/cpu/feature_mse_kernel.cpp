@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "../checks.h"
 #include "buffer_cache.h"
 #include "pixel_cosine.h"
@@ -17,15 +19,16 @@ constexpr int64_t kGrain = 1 << 15;
 // Both inputs in one dense layout, so they can be walked as flat arrays.
 std::pair<at::Tensor, at::Tensor> flat_pair(const at::Tensor& feat_s, const at::Tensor& feat_t) {
   if (feat_s.dim() == 4) {
-    auto [s, layout] = dense_feature(feat_s);
-    return {s, in_layout(feat_t, layout)};
+    const auto dense = dense_feature(feat_s);
+    return {dense.first, in_layout(feat_t, dense.second)};
   }
   return {feat_s.contiguous(), feat_t.contiguous()};
 }
 
 at::Tensor feature_mse_cpu(const at::Tensor& feat_s, const at::Tensor& feat_t) {
   check_feature_pair("feature_mse", feat_s, feat_t, /*require_4d=*/false);
-  auto [s, t] = flat_pair(feat_s, feat_t);
+  at::Tensor s, t;
+  std::tie(s, t) = flat_pair(feat_s, feat_t);
   const int64_t N = s.numel();
   at::Tensor out = at::empty({}, s.options());
   if (N == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());  // as F.mse_loss
@@ -66,7 +69,8 @@ at::Tensor feature_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& fe
   check_feature_pair("_feature_mse_backward", feat_s, feat_t, /*require_4d=*/false);
   TORCH_CHECK(grad.numel() == 1, "_feature_mse_backward: grad must be a scalar, got shape ",
               grad.sizes());
-  auto [s, t] = flat_pair(feat_s, feat_t);
+  at::Tensor s, t;
+  std::tie(s, t) = flat_pair(feat_s, feat_t);
   const int64_t N = s.numel();
   at::Tensor out = empty_like_cached(s);
   if (N == 0) return out;

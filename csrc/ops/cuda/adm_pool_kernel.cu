@@ -31,9 +31,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adm_pool_cuda(const a
   at::Tensor pooled_t = at::empty({B, C}, s.options());
   at::Tensor attn_co = at::empty({B, H, W}, s.options().dtype(acc_type));
   at::Tensor attn_di = at::empty({B, H, W}, s.options().dtype(acc_type));
-  if (s.numel() == 0) {
+  if (s.numel() == 0) {  // C = 0: S = 0 everywhere (zero vectors), so both maps are 1 / (1 + eps)
     pooled_s.zero_();
     pooled_t.zero_();
+    attn_co.fill_(1.0 / (1.0 + eps));
+    attn_di.fill_(1.0 / (1.0 + eps));
     return {pooled_s, pooled_t, attn_co, attn_di};
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..losses import ADMLoss
-from .timing import copy_bandwidth_gbps, measure, provenance
+from .timing import copy_bandwidth_gbps, measure_interleaved, provenance
 
 PROVIDERS = ("reference-eager", "reference-compile", "cpu", "cuda", "triton")
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -113,7 +113,8 @@ class BenchConfig:
 
 
 def run(config: BenchConfig, progress=None) -> list[dict]:
-    """Measure every (case, op, provider, mode); returns the rows (also appended to output)."""
+    """Measure every (case, op, provider, mode), providers interleaved; returns the rows (also
+    appended to ``output``)."""
     device = config.device
     itemsize = torch.empty((), dtype=config.dtype).element_size()
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -121,47 +122,41 @@ def run(config: BenchConfig, progress=None) -> list[dict]:
     copy_bw = copy_bandwidth_gbps(device)
     base["copy_bw_gbps"] = round(copy_bw, 2)
     rows = []
-    work = [(c, o, p) for c in config.cases for o in config.ops for p in config.providers
+    work = [(c, o) for c in config.cases for o in config.ops
             if not (o == "adm_loss" and len(CASES[c].stages) == 1)]
     task = progress.add_task("bench ops", total=len(work) * len(config.modes)) if progress else None
-    for case_name, op, provider in work:
+    for case_name, op in work:
         case = CASES[case_name]
         feats_s, feats_t = _make_inputs(case, op, config.dtype, device, layout)
-        fn = _loss_fn(op, provider, case, config.dtype, device)
-        if provider == "reference-compile":
-            fn = torch.compile(fn, fullgraph=False, dynamic=False)
         leaves = feats_s + feats_t
 
         def clear():
             for x in leaves:
                 x.grad = None
 
-        holder = {}
-
-        def forward():
-            holder["loss"] = fn(feats_s, feats_t)
-
-        def backward():
-            holder["loss"].backward(retain_graph=True)
-
-        def forward_backward():
-            fn(feats_s, feats_t).backward()
-
+        fns = {}
+        for provider in config.providers:
+            fn = _loss_fn(op, provider, case, config.dtype, device)
+            fns[provider] = torch.compile(fn, dynamic=False) if provider == "reference-compile" else fn
         timings = {}
         for mode in config.modes:
             if progress:
-                progress.update(task, description=f"{case_name} {op} {provider} {mode}")
-            if mode == "fwd":
-                timings[mode] = measure(forward, device, repeat=config.repeat, setup=clear)
-            elif mode == "bwd":
-                forward()
-                timings[mode] = measure(backward, device, repeat=config.repeat, setup=clear)
-            else:
-                timings[mode] = measure(forward_backward, device, repeat=config.repeat, setup=clear)
+                progress.update(task, description=f"{case_name} {op} {mode}")
+            calls, graphs = {}, {}
+            for provider, fn in fns.items():
+                if mode == "fwd":
+                    calls[provider] = (lambda fn=fn: fn(feats_s, feats_t), clear)
+                elif mode == "bwd":  # the forward graph is built once, outside the timing
+                    graphs[provider] = fn(feats_s, feats_t)
+                    calls[provider] = (lambda loss=graphs[provider]: loss.backward(retain_graph=True), clear)
+                else:
+                    calls[provider] = (lambda fn=fn: fn(feats_s, feats_t).backward(), clear)
+            for provider, timing in measure_interleaved(calls, device, repeat=config.repeat).items():
+                timings[(provider, mode)] = timing
+            graphs.clear()
             if progress:
                 progress.advance(task)
-        holder.clear()
-        for mode, t in timings.items():
+        for (provider, mode), t in timings.items():
             moved = _bytes_moved(op, mode, case, itemsize)
             gbps = moved / (t.median_ms * 1e-3) / 1e9
             rows.append({
@@ -182,7 +177,7 @@ def run(config: BenchConfig, progress=None) -> list[dict]:
                 "gbps": round(gbps, 2),
                 "pct_copy_bw": round(100 * gbps / copy_bw, 1),
             })
-        del feats_s, feats_t, leaves
+        del feats_s, feats_t, leaves, fns
     _add_speedups(rows)
     if config.output:
         append_rows(config.output, rows)

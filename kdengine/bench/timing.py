@@ -27,36 +27,54 @@ def _percentile(sorted_values, q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (idx - lo)
 
 
-def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeat: int = 10,
-            min_seconds: float = 0.0, setup: Callable[[], None] | None = None) -> Timing:
-    """Time ``fn`` call by call (CUDA events on GPU, perf_counter on CPU); ``setup`` runs before
-    each call, untimed (e.g. clearing .grad)."""
-    for _ in range(warmup):
-        if setup:
-            setup()
+def _time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events around it on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _summary(times: list) -> Timing:
+    times = sorted(times)
+    return Timing(_percentile(times, 0.5), _percentile(times, 0.2), _percentile(times, 0.8), len(times))
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeat: int = 10,
+            setup: Callable[[], None] | None = None) -> Timing:
+    """Time ``fn`` call by call; ``setup`` runs before each call, untimed (e.g. clearing .grad)."""
+    return measure_interleaved({"fn": (fn, setup)}, device, warmup=warmup, repeat=repeat)["fn"]
+
+
+def measure_interleaved(calls: dict, device: torch.device, *, warmup: int = 2,
+                        repeat: int = 10) -> dict:
+    """Time several ``name -> (fn, setup)`` calls in alternation, one call of each per round and
+    the order rotated every round, so drift of a shared machine lands on all of them alike and
+    their ratios stay meaningful. Returns ``name -> Timing``."""
+    names = list(calls)
+    for name in names:
+        fn, setup = calls[name]
+        for _ in range(warmup):
+            if setup:
+                setup()
+            fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < repeat or (time.perf_counter() - start_all) < min_seconds:
-        if setup:
-            setup()
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 10 * repeat:
-            break
-    times.sort()
-    return Timing(_percentile(times, 0.5), _percentile(times, 0.2), _percentile(times, 0.8), len(times))
+    samples = {name: [] for name in names}
+    for rnd in range(repeat):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn, setup = calls[name]
+            if setup:
+                setup()
+            samples[name].append(_time_call(fn, device))
+    return {name: _summary(times) for name, times in samples.items()}
 
 
 def copy_bandwidth_gbps(device: torch.device, megabytes: int = 256) -> float:

@@ -43,6 +43,71 @@ inline void weighted_relu_sums_nchw(const scalar_t* x, int64_t C, int64_t HW, in
   }
 }
 
+// Units [begin, end) of (image, pixel chunk): S of each pixel (parked in attn_co), its sum per
+// unit, and the numerators sum_p (1 +- S) relu(x) per channel into partial[unit, 2, C].
+// out[i] = x[i] > 0 ? scale * w[i] : 0: one NCHW row (w = the attention row) or one NHWC pixel
+// (w = the pooled gradient row). The product is computed unconditionally so the loop is a select.
+template <typename scalar_t, typename acc_t>
+KDENGINE_CPU_CLONES void masked_scaled_row(const scalar_t* x, const acc_t* w, acc_t scale,
+                                           int64_t n, scalar_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t value = scale * w[i];
+    out[i] = static_cast<scalar_t>(to_acc(x[i]) > acc_t(0) ? value : acc_t(0));
+  }
+}
+
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+KDENGINE_CPU_CLONES void forward_units(const scalar_t* s, const scalar_t* t, Layout layout,
+                                       int64_t C, int64_t HW, int64_t chunks,
+                                       int64_t tiles_per_chunk, acc_t* partial_data,
+                                       acc_t* sim_sum, acc_t* attn_co, int64_t begin,
+                                       int64_t end) {
+  acc_t dot[kTile], ns[kTile], nt[kTile], w_co[kTile], w_di[kTile];
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / chunks;
+    const int64_t p_begin = std::min(HW, (unit % chunks) * tiles_per_chunk * kTile);
+    const int64_t p_end = std::min(HW, p_begin + tiles_per_chunk * kTile);
+    acc_t* acc_s = partial_data + unit * 2 * C;
+    acc_t* acc_t_ = acc_s + C;
+    acc_t* sim = attn_co + b * HW;  // raw S is parked here until the means are known
+    acc_t sim_total = 0;
+    const scalar_t* sb = s + b * C * HW;
+    const scalar_t* tb = t + b * C * HW;
+    for (int64_t p0 = p_begin; p0 < p_end; p0 += kTile) {
+      const int64_t n = std::min(kTile, p_end - p0);
+      if (layout == Layout::kNCHW) {
+        channel_sums_nchw(sb, tb, C, HW, p0, n, dot, ns, nt);
+      } else {
+        for (int64_t p = 0; p < n; ++p) {
+          channel_sums_nhwc(sb + (p0 + p) * C, tb + (p0 + p) * C, C, dot[p], ns[p], nt[p]);
+        }
+      }
+      for (int64_t p = 0; p < n; ++p) {
+        const acc_t cos = cosine_from_sums(dot[p], std::sqrt(ns[p]), std::sqrt(nt[p]),
+                                           static_cast<acc_t>(kCosEps));
+        sim[p0 + p] = cos;
+        sim_total += cos;
+        w_co[p] = acc_t(1) + cos;
+        w_di[p] = acc_t(1) - cos;
+      }
+      if (layout == Layout::kNCHW) {
+        weighted_relu_sums_nchw(sb, C, HW, p0, n, w_co, acc_s);
+        weighted_relu_sums_nchw(tb, C, HW, p0, n, w_di, acc_t_);
+      } else {
+        for (int64_t p = 0; p < n; ++p) {
+          const scalar_t* sp = sb + (p0 + p) * C;
+          const scalar_t* tp = tb + (p0 + p) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            acc_s[c] += w_co[p] * std::max(to_acc(sp[c]), acc_t(0));
+            acc_t_[c] += w_di[p] * std::max(to_acc(tp[c]), acc_t(0));
+          }
+        }
+      }
+    }
+    sim_sum[unit] = sim_total;
+  }
+}
+
 template <typename scalar_t>
 void adm_pool_forward_kernel(const scalar_t* s, const scalar_t* t, Layout layout, int64_t B,
                              int64_t C, int64_t HW, double eps, scalar_t* pooled_s,
@@ -57,50 +122,8 @@ void adm_pool_forward_kernel(const scalar_t* s, const scalar_t* t, Layout layout
   std::vector<acc_t> sim_sum(B * chunks, acc_t(0));
 
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    acc_t dot[kTile], ns[kTile], nt[kTile], w_co[kTile], w_di[kTile];
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / chunks;
-      const int64_t p_begin = std::min(HW, (unit % chunks) * tiles_per_chunk * kTile);
-      const int64_t p_end = std::min(HW, p_begin + tiles_per_chunk * kTile);
-      acc_t* acc_s = partial.data() + unit * 2 * C;
-      acc_t* acc_t_ = acc_s + C;
-      acc_t* sim = attn_co + b * HW;  // raw S is parked here until the means are known
-      acc_t sim_total = 0;
-      const scalar_t* sb = s + b * C * HW;
-      const scalar_t* tb = t + b * C * HW;
-      for (int64_t p0 = p_begin; p0 < p_end; p0 += kTile) {
-        const int64_t n = std::min(kTile, p_end - p0);
-        if (layout == Layout::kNCHW) {
-          channel_sums_nchw(sb, tb, C, HW, p0, n, dot, ns, nt);
-        } else {
-          for (int64_t p = 0; p < n; ++p) {
-            channel_sums_nhwc(sb + (p0 + p) * C, tb + (p0 + p) * C, C, dot[p], ns[p], nt[p]);
-          }
-        }
-        for (int64_t p = 0; p < n; ++p) {
-          const acc_t cos = cosine_from_sums(dot[p], std::sqrt(ns[p]), std::sqrt(nt[p]),
-                                             static_cast<acc_t>(kCosEps));
-          sim[p0 + p] = cos;
-          sim_total += cos;
-          w_co[p] = acc_t(1) + cos;
-          w_di[p] = acc_t(1) - cos;
-        }
-        if (layout == Layout::kNCHW) {
-          weighted_relu_sums_nchw(sb, C, HW, p0, n, w_co, acc_s);
-          weighted_relu_sums_nchw(tb, C, HW, p0, n, w_di, acc_t_);
-        } else {
-          for (int64_t p = 0; p < n; ++p) {
-            const scalar_t* sp = sb + (p0 + p) * C;
-            const scalar_t* tp = tb + (p0 + p) * C;
-            for (int64_t c = 0; c < C; ++c) {
-              acc_s[c] += w_co[p] * std::max(to_acc(sp[c]), acc_t(0));
-              acc_t_[c] += w_di[p] * std::max(to_acc(tp[c]), acc_t(0));
-            }
-          }
-        }
-      }
-      sim_sum[unit] = sim_total;
-    }
+    forward_units<scalar_t>(s, t, layout, C, HW, chunks, tiles_per_chunk, partial.data(),
+                            sim_sum.data(), attn_co, begin, end);
   });
 
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -188,27 +211,13 @@ at::Tensor adm_pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor
     if (layout == Layout::kNCHW) {
       at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bc = begin; bc < end; ++bc) {
-          const acc_t scale = gp[bc] * inv_hw;
-          const acc_t* arow = ap + (bc / C) * HW;
-          const scalar_t* xr = xp + bc * HW;
-          scalar_t* orow = out + bc * HW;
-          for (int64_t p = 0; p < HW; ++p) {
-            const acc_t value = scale * arow[p];  // computed unconditionally: a select, not a branch
-            orow[p] = static_cast<scalar_t>(to_acc(xr[p]) > acc_t(0) ? value : acc_t(0));
-          }
+          masked_scaled_row(xp + bc * HW, ap + (bc / C) * HW, gp[bc] * inv_hw, HW, out + bc * HW);
         }
       });
     } else {
       at::parallel_for(0, B * HW, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bp = begin; bp < end; ++bp) {
-          const acc_t w = ap[bp] * inv_hw;
-          const acc_t* grow = gp + (bp / HW) * C;
-          const scalar_t* xr = xp + bp * C;
-          scalar_t* orow = out + bp * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t value = w * grow[c];
-            orow[c] = static_cast<scalar_t>(to_acc(xr[c]) > acc_t(0) ? value : acc_t(0));
-          }
+          masked_scaled_row(xp + bp * C, gp + (bp / HW) * C, ap[bp] * inv_hw, C, out + bp * C);
         }
       });
     }

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
 #include "buffer_cache.h"
@@ -17,6 +18,60 @@
 namespace kdengine {
 namespace cpu {
 namespace {
+
+// Tiles [begin, end) of (image, kTile pixels): S and both channel norms of each pixel.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+KDENGINE_CPU_CLONES void forward_tiles(const scalar_t* sp, const scalar_t* tp, Layout layout,
+                                       int64_t C, int64_t HW, double eps, scalar_t* out,
+                                       acc_t* ns_out, acc_t* nt_out, int64_t begin, int64_t end) {
+  const int64_t tiles = (HW + kTile - 1) / kTile;
+  acc_t dot[kTile], ns[kTile], nt[kTile];
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / tiles;
+    const int64_t p0 = (unit % tiles) * kTile;
+    const int64_t n = std::min(kTile, HW - p0);
+    const scalar_t* sb = sp + b * C * HW;
+    const scalar_t* tb = tp + b * C * HW;
+    if (layout == Layout::kNCHW) {
+      channel_sums_nchw(sb, tb, C, HW, p0, n, dot, ns, nt);
+    } else {
+      for (int64_t p = 0; p < n; ++p) {
+        channel_sums_nhwc(sb + (p0 + p) * C, tb + (p0 + p) * C, C, dot[p], ns[p], nt[p]);
+      }
+    }
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t a = std::sqrt(ns[p]), c = std::sqrt(nt[p]);
+      out[b * HW + p0 + p] =
+          static_cast<scalar_t>(cosine_from_sums(dot[p], a, c, static_cast<acc_t>(eps)));
+      ns_out[b * HW + p0 + p] = a;
+      nt_out[b * HW + p0 + p] = c;
+    }
+  }
+}
+
+// One NCHW channel row: per-pixel coefficients.
+template <typename scalar_t, typename acc_t>
+KDENGINE_CPU_CLONES void gradient_row_nchw(const scalar_t* x, const scalar_t* y, const acc_t* k_cross,
+                                           const acc_t* k_s, const acc_t* k_t, int64_t n,
+                                           scalar_t* gs, scalar_t* gt) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t a = to_acc(x[i]), b = to_acc(y[i]);
+    gs[i] = static_cast<scalar_t>(k_cross[i] * b - k_s[i] * a);
+    gt[i] = static_cast<scalar_t>(k_cross[i] * a - k_t[i] * b);
+  }
+}
+
+// One NHWC pixel: its coefficients apply to every channel.
+template <typename scalar_t, typename acc_t>
+KDENGINE_CPU_CLONES void gradient_row_nhwc(const scalar_t* x, const scalar_t* y, acc_t k_cross,
+                                           acc_t k_s, acc_t k_t, int64_t n, scalar_t* gs,
+                                           scalar_t* gt) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t a = to_acc(x[i]), b = to_acc(y[i]);
+    gs[i] = static_cast<scalar_t>(k_cross * b - k_s * a);
+    gt[i] = static_cast<scalar_t>(k_cross * a - k_t * b);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_similarity_map_cpu(const at::Tensor& feat_s,
                                                                          const at::Tensor& feat_t,
@@ -41,28 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_similarity_map_cpu(const a
     acc_t* nt_out = norm_t.data_ptr<acc_t>();
     const int64_t tiles = (HW + kTile - 1) / kTile;
     at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-      acc_t dot[kTile], ns[kTile], nt[kTile];
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t b = unit / tiles;
-        const int64_t p0 = (unit % tiles) * kTile;
-        const int64_t n = std::min(kTile, HW - p0);
-        const scalar_t* sb = sp + b * C * HW;
-        const scalar_t* tb = tp + b * C * HW;
-        if (layout == Layout::kNCHW) {
-          channel_sums_nchw(sb, tb, C, HW, p0, n, dot, ns, nt);
-        } else {
-          for (int64_t p = 0; p < n; ++p) {
-            channel_sums_nhwc(sb + (p0 + p) * C, tb + (p0 + p) * C, C, dot[p], ns[p], nt[p]);
-          }
-        }
-        for (int64_t p = 0; p < n; ++p) {
-          const acc_t a = std::sqrt(ns[p]), c = std::sqrt(nt[p]);
-          out[b * HW + p0 + p] =
-              static_cast<scalar_t>(cosine_from_sums(dot[p], a, c, static_cast<acc_t>(eps)));
-          ns_out[b * HW + p0 + p] = a;
-          nt_out[b * HW + p0 + p] = c;
-        }
-      }
+      forward_tiles(sp, tp, layout, C, HW, eps, out, ns_out, nt_out, begin, end);
     });
   });
   return {sim, norm_s, norm_t};
@@ -100,37 +134,30 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_map_backward_cpu(
     const acc_t* simp = S.const_data_ptr<acc_t>();
     const acc_t* nsp = Ns.const_data_ptr<acc_t>();
     const acc_t* ntp = Nt.const_data_ptr<acc_t>();
-    const acc_t e = static_cast<acc_t>(eps);
     // Per pixel: grad_s = k_cross * t - k_s * s, grad_t = k_cross * s - k_t * t.
-    auto coefficients = [&](int64_t bp, acc_t& k_cross, acc_t& k_s, acc_t& k_t) {
-      const acc_t a = std::max(nsp[bp], e), c = std::max(ntp[bp], e);
-      k_cross = gp[bp] / (a * c);
-      k_s = nsp[bp] > e ? gp[bp] * simp[bp] / (a * a) : acc_t(0);
-      k_t = ntp[bp] > e ? gp[bp] * simp[bp] / (c * c) : acc_t(0);
-    };
+    std::vector<acc_t> k_cross(B * HW), k_s(B * HW), k_t(B * HW);
+    const acc_t e = static_cast<acc_t>(eps);
+    at::parallel_for(0, B * HW, 1 << 12, [&](int64_t begin, int64_t end) {
+      for (int64_t bp = begin; bp < end; ++bp) {
+        const acc_t a = std::max(nsp[bp], e), c = std::max(ntp[bp], e);
+        k_cross[bp] = gp[bp] / (a * c);
+        k_s[bp] = nsp[bp] > e ? gp[bp] * simp[bp] / (a * a) : acc_t(0);
+        k_t[bp] = ntp[bp] > e ? gp[bp] * simp[bp] / (c * c) : acc_t(0);
+      }
+    });
     if (layout == Layout::kNCHW) {
       at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bc = begin; bc < end; ++bc) {
-          const int64_t b = bc / C;
-          for (int64_t p = 0; p < HW; ++p) {
-            acc_t k_cross, k_s, k_t;
-            coefficients(b * HW + p, k_cross, k_s, k_t);
-            const acc_t x = to_acc(sp[bc * HW + p]), y = to_acc(tp[bc * HW + p]);
-            gs[bc * HW + p] = static_cast<scalar_t>(k_cross * y - k_s * x);
-            gt[bc * HW + p] = static_cast<scalar_t>(k_cross * x - k_t * y);
-          }
+          const int64_t pixel0 = (bc / C) * HW;
+          gradient_row_nchw(sp + bc * HW, tp + bc * HW, k_cross.data() + pixel0, k_s.data() + pixel0,
+                            k_t.data() + pixel0, HW, gs + bc * HW, gt + bc * HW);
         }
       });
     } else {
       at::parallel_for(0, B * HW, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bp = begin; bp < end; ++bp) {
-          acc_t k_cross, k_s, k_t;
-          coefficients(bp, k_cross, k_s, k_t);
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t x = to_acc(sp[bp * C + c]), y = to_acc(tp[bp * C + c]);
-            gs[bp * C + c] = static_cast<scalar_t>(k_cross * y - k_s * x);
-            gt[bp * C + c] = static_cast<scalar_t>(k_cross * x - k_t * y);
-          }
+          gradient_row_nhwc(sp + bp * C, tp + bp * C, k_cross[bp], k_s[bp], k_t[bp], C, gs + bp * C,
+                            gt + bp * C);
         }
       });
     }

@@ -16,6 +16,33 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
+// sum (s - t)^2 over n <= kGrain elements: kLanes accumulators in acc_t, the total in double.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+KDENGINE_CPU_CLONES double sum_squared_difference(const scalar_t* s, const scalar_t* t, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t d = to_acc(s[i + l]) - to_acc(t[i + l]);
+      lane[l] += d * d;
+    }
+  }
+  for (int64_t l = 0; i < n; ++i, ++l) {
+    const acc_t d = to_acc(s[i]) - to_acc(t[i]);
+    lane[l] += d * d;
+  }
+  double total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += static_cast<double>(lane[l]);
+  return total;
+}
+
+// out = scale * (s - t) over n elements.
+template <typename scalar_t, typename acc_t>
+KDENGINE_CPU_CLONES void scaled_difference(const scalar_t* s, const scalar_t* t, acc_t scale,
+                                           int64_t n, scalar_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(scale * (to_acc(s[i]) - to_acc(t[i])));
+}
+
 // Both inputs in one dense layout, so they can be walked as flat arrays.
 std::pair<at::Tensor, at::Tensor> flat_pair(const at::Tensor& feat_s, const at::Tensor& feat_t) {
   if (feat_s.dim() == 4) {
@@ -41,20 +68,7 @@ at::Tensor feature_mse_cpu(const at::Tensor& feat_s, const at::Tensor& feat_t) {
         0, N, kGrain, 0.0,
         [&](int64_t begin, int64_t end, double running) {
           for (int64_t g0 = begin; g0 < end; g0 += kGrain) {
-            const int64_t g1 = std::min(end, g0 + kGrain);
-            acc_t lane[kLanes] = {};
-            int64_t i = g0;
-            for (; i + kLanes <= g1; i += kLanes) {
-              for (int64_t l = 0; l < kLanes; ++l) {
-                const acc_t d = to_acc(sp[i + l]) - to_acc(tp[i + l]);
-                lane[l] += d * d;
-              }
-            }
-            for (int64_t l = 0; i < g1; ++i, ++l) {
-              const acc_t d = to_acc(sp[i]) - to_acc(tp[i]);
-              lane[l] += d * d;
-            }
-            for (int64_t l = 0; l < kLanes; ++l) running += static_cast<double>(lane[l]);
+            running += sum_squared_difference(sp + g0, tp + g0, std::min(end, g0 + kGrain) - g0);
           }
           return running;
         },
@@ -81,9 +95,7 @@ at::Tensor feature_mse_backward_cpu(const at::Tensor& grad, const at::Tensor& fe
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        op[i] = static_cast<scalar_t>(scale * (to_acc(sp[i]) - to_acc(tp[i])));
-      }
+      scaled_difference(sp + begin, tp + begin, scale, end - begin, op + begin);
     });
   });
   return out;

@@ -46,6 +46,34 @@ inline void check_pixel_map(const char* op, const char* name, const at::Tensor& 
               " but the feature is on ", feat.device());
 }
 
+// Arguments of _adm_pool_backward(grad_pooled [B, C], feat [B, C, H, W], attn [B, H, W]).
+inline void check_adm_pool_backward(const at::Tensor& grad_pooled, const at::Tensor& feat,
+                                    const at::Tensor& attn) {
+  constexpr const char* op = "_adm_pool_backward";
+  check_floating(op, "feat", feat);
+  TORCH_CHECK(feat.dim() == 4, op, ": feat must be [B, C, H, W], got shape ", feat.sizes());
+  TORCH_CHECK(grad_pooled.dim() == 2 && grad_pooled.size(0) == feat.size(0) &&
+                  grad_pooled.size(1) == feat.size(1),
+              op, ": grad_pooled must be [B, C] = [", feat.size(0), ", ", feat.size(1),
+              "], got ", grad_pooled.sizes());
+  TORCH_CHECK(grad_pooled.device() == feat.device(), op, ": grad_pooled is on ",
+              grad_pooled.device(), " but the feature is on ", feat.device());
+  check_pixel_map(op, "attn", attn, feat);
+}
+
+// Arguments of _cosine_similarity_map_backward: the feature pair and four [B, H, W] maps.
+inline void check_cosine_similarity_map_backward(const at::Tensor& grad, const at::Tensor& feat_s,
+                                                 const at::Tensor& feat_t, const at::Tensor& sim,
+                                                 const at::Tensor& norm_s,
+                                                 const at::Tensor& norm_t) {
+  constexpr const char* op = "_cosine_similarity_map_backward";
+  check_feature_pair(op, feat_s, feat_t);
+  check_pixel_map(op, "grad", grad, feat_s);
+  check_pixel_map(op, "sim", sim, feat_s);
+  check_pixel_map(op, "norm_s", norm_s, feat_s);
+  check_pixel_map(op, "norm_t", norm_t, feat_s);
+}
+
 // Memory layouts the kernels read without a copy.
 enum class Layout { kNCHW, kNHWC };
 

@@ -184,14 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adm_pool_cpu(const at
 
 at::Tensor adm_pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor& feat,
                                  const at::Tensor& attn) {
-  constexpr const char* op = "_adm_pool_backward";
-  check_floating(op, "feat", feat);
-  TORCH_CHECK(feat.dim() == 4, op, ": feat must be [B, C, H, W], got shape ", feat.sizes());
-  TORCH_CHECK(grad_pooled.dim() == 2 && grad_pooled.size(0) == feat.size(0) &&
-                  grad_pooled.size(1) == feat.size(1),
-              op, ": grad_pooled must be [B, C] = [", feat.size(0), ", ", feat.size(1),
-              "], got ", grad_pooled.sizes());
-  check_pixel_map(op, "attn", attn, feat);
+  check_adm_pool_backward(grad_pooled, feat, attn);
   at::Tensor x;
   Layout layout;
   std::tie(x, layout) = dense_feature(feat);

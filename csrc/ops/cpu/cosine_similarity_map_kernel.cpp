@@ -105,12 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_similarity_map_cpu(const a
 std::tuple<at::Tensor, at::Tensor> cosine_similarity_map_backward_cpu(
     const at::Tensor& grad, const at::Tensor& feat_s, const at::Tensor& feat_t,
     const at::Tensor& sim, const at::Tensor& norm_s, const at::Tensor& norm_t, double eps) {
-  constexpr const char* op = "_cosine_similarity_map_backward";
-  check_feature_pair(op, feat_s, feat_t);
-  check_pixel_map(op, "grad", grad, feat_s);
-  check_pixel_map(op, "sim", sim, feat_s);
-  check_pixel_map(op, "norm_s", norm_s, feat_s);
-  check_pixel_map(op, "norm_t", norm_t, feat_s);
+  check_cosine_similarity_map_backward(grad, feat_s, feat_t, sim, norm_s, norm_t);
   at::Tensor s;
   Layout layout;
   std::tie(s, layout) = dense_feature(feat_s);

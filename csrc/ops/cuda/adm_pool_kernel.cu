@@ -57,15 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adm_pool_cuda(const a
 
 at::Tensor adm_pool_backward_cuda(const at::Tensor& grad_pooled, const at::Tensor& feat,
                                   const at::Tensor& attn) {
-  constexpr const char* op = "_adm_pool_backward";
-  check_floating(op, "feat", feat);
-  TORCH_CHECK(feat.dim() == 4, op, ": feat must be [B, C, H, W], got shape ", feat.sizes());
-  TORCH_CHECK(grad_pooled.dim() == 2 && grad_pooled.size(0) == feat.size(0) &&
-                  grad_pooled.size(1) == feat.size(1),
-              op, ": grad_pooled must be [B, C] = [", feat.size(0), ", ", feat.size(1),
-              "], got ", grad_pooled.sizes());
-  check_same_device(op, "grad_pooled", grad_pooled, feat);
-  check_pixel_map(op, "attn", attn, feat);
+  check_adm_pool_backward(grad_pooled, feat, attn);
   const c10::cuda::CUDAGuard guard(feat.device());
   const std::pair<at::Tensor, Layout> dense = dense_feature(feat);
   const at::Tensor& x = dense.first;

@@ -29,16 +29,16 @@ inline void weighted_relu_sums_nchw(const scalar_t* x, int64_t C, int64_t HW, in
                                     int64_t n, const acc_t* w, acc_t* acc) {
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* xr = x + c * HW + p0;
-    acc_t lane[kLanes] = {};
+    acc_t lane[kRowLanes] = {};
     int64_t p = 0;
-    for (; p + kLanes <= n; p += kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) {
+    for (; p + kRowLanes <= n; p += kRowLanes) {
+      for (int64_t l = 0; l < kRowLanes; ++l) {
         lane[l] += w[p + l] * std::max(to_acc(xr[p + l]), acc_t(0));
       }
     }
     for (int64_t l = 0; p < n; ++p, ++l) lane[l] += w[p] * std::max(to_acc(xr[p]), acc_t(0));
     acc_t total = 0;
-    for (int64_t l = 0; l < kLanes; ++l) total += lane[l];
+    for (int64_t l = 0; l < kRowLanes; ++l) total += lane[l];
     acc[c] += total;
   }
 }

@@ -2,7 +2,10 @@
 // Messages name the op, the argument and the shapes, so a user can find the bad call.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include <tuple>
 #include <c10/util/Exception.h>
 
 namespace kdengine {
@@ -89,6 +92,26 @@ inline std::pair<at::Tensor, Layout> dense_feature(const at::Tensor& feat) {
 inline at::Tensor in_layout(const at::Tensor& feat, Layout layout) {
   return layout == Layout::kNHWC ? feat.contiguous(at::MemoryFormat::ChannelsLast)
                                  : feat.contiguous();
+}
+
+// The outputs of adm_pool for a dense feature s: pooled_s, pooled_t [B, C] in s's dtype and the
+// attention maps [B, H, W] in its accumulation type. With C = 0 every pixel's vectors are zero,
+// S = 0, so the results are complete already: zero pools and maps of 1 / (1 + eps).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adm_pool_outputs(
+    const at::Tensor& s, double eps) {
+  const int64_t B = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3);
+  const auto acc_options = s.options().dtype(at::toOpMathType(s.scalar_type()));
+  at::Tensor pooled_s = at::empty({B, C}, s.options());
+  at::Tensor pooled_t = at::empty({B, C}, s.options());
+  at::Tensor attn_co = at::empty({B, H, W}, acc_options);
+  at::Tensor attn_di = at::empty({B, H, W}, acc_options);
+  if (C == 0) {
+    pooled_s.zero_();
+    pooled_t.zero_();
+    attn_co.fill_(1.0 / (1.0 + eps));
+    attn_di.fill_(1.0 / (1.0 + eps));
+  }
+  return {pooled_s, pooled_t, attn_co, attn_di};
 }
 
 }  // namespace kdengine

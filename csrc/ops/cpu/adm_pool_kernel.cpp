@@ -75,13 +75,7 @@ KDENGINE_CPU_CLONES void forward_units(const scalar_t* s, const scalar_t* t, Lay
     const scalar_t* tb = t + b * C * HW;
     for (int64_t p0 = p_begin; p0 < p_end; p0 += kTile) {
       const int64_t n = std::min(kTile, p_end - p0);
-      if (layout == Layout::kNCHW) {
-        channel_sums_nchw(sb, tb, C, HW, p0, n, dot, ns, nt);
-      } else {
-        for (int64_t p = 0; p < n; ++p) {
-          channel_sums_nhwc(sb + (p0 + p) * C, tb + (p0 + p) * C, C, dot[p], ns[p], nt[p]);
-        }
-      }
+      channel_sums_tile(sb, tb, layout, C, HW, p0, n, dot, ns, nt);
       for (int64_t p = 0; p < n; ++p) {
         const acc_t cos = cosine_from_sums(dot[p], std::sqrt(ns[p]), std::sqrt(nt[p]),
                                            static_cast<acc_t>(kCosEps));
@@ -160,18 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adm_pool_cpu(const at
   std::tie(s, layout) = dense_feature(feat_s);
   const at::Tensor t = in_layout(feat_t, layout);
   const int64_t B = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3);
-  const auto acc_type = at::toOpMathType(s.scalar_type());
-  at::Tensor pooled_s = at::empty({B, C}, s.options());
-  at::Tensor pooled_t = at::empty({B, C}, s.options());
-  at::Tensor attn_co = at::empty({B, H, W}, s.options().dtype(acc_type));
-  at::Tensor attn_di = at::empty({B, H, W}, s.options().dtype(acc_type));
-  if (s.numel() == 0) {  // C = 0: S = 0 everywhere (zero vectors), so both maps are 1 / (1 + eps)
-    pooled_s.zero_();
-    pooled_t.zero_();
-    attn_co.fill_(1.0 / (1.0 + eps));
-    attn_di.fill_(1.0 / (1.0 + eps));
-    return {pooled_s, pooled_t, attn_co, attn_di};
-  }
+  at::Tensor pooled_s, pooled_t, attn_co, attn_di;
+  std::tie(pooled_s, pooled_t, attn_co, attn_di) = adm_pool_outputs(s, eps);
+  if (s.numel() == 0) return {pooled_s, pooled_t, attn_co, attn_di};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "adm_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     adm_pool_forward_kernel<scalar_t>(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),

@@ -32,13 +32,7 @@ KDENGINE_CPU_CLONES void forward_tiles(const scalar_t* sp, const scalar_t* tp, L
     const int64_t n = std::min(kTile, HW - p0);
     const scalar_t* sb = sp + b * C * HW;
     const scalar_t* tb = tp + b * C * HW;
-    if (layout == Layout::kNCHW) {
-      channel_sums_nchw(sb, tb, C, HW, p0, n, dot, ns, nt);
-    } else {
-      for (int64_t p = 0; p < n; ++p) {
-        channel_sums_nhwc(sb + (p0 + p) * C, tb + (p0 + p) * C, C, dot[p], ns[p], nt[p]);
-      }
-    }
+    channel_sums_tile(sb, tb, layout, C, HW, p0, n, dot, ns, nt);
     for (int64_t p = 0; p < n; ++p) {
       const acc_t a = std::sqrt(ns[p]), c = std::sqrt(nt[p]);
       out[b * HW + p0 + p] =

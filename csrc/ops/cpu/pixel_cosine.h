@@ -5,6 +5,8 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+
+#include "../checks.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -84,6 +86,19 @@ inline void channel_sums_nhwc(const scalar_t* s, const scalar_t* t, int64_t C, a
     dot += d[l];
     ns += a2[l];
     nt += b2[l];
+  }
+}
+
+// dot/ns/nt of the n pixels [p0, p0 + n) of one image (sb, tb: the image's block) in either layout.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void channel_sums_tile(const scalar_t* sb, const scalar_t* tb, Layout layout, int64_t C,
+                              int64_t HW, int64_t p0, int64_t n, acc_t* dot, acc_t* ns, acc_t* nt) {
+  if (layout == Layout::kNCHW) {
+    channel_sums_nchw(sb, tb, C, HW, p0, n, dot, ns, nt);
+  } else {
+    for (int64_t p = 0; p < n; ++p) {
+      channel_sums_nhwc(sb + (p0 + p) * C, tb + (p0 + p) * C, C, dot[p], ns[p], nt[p]);
+    }
   }
 }
 

@@ -26,18 +26,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adm_pool_cuda(const a
   const kernels::Layout layout = kernel_layout(dense.second);
   const at::Tensor t = in_layout(feat_t, dense.second);
   const int64_t B = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3);
-  const auto acc_type = at::toOpMathType(s.scalar_type());
-  at::Tensor pooled_s = at::empty({B, C}, s.options());
-  at::Tensor pooled_t = at::empty({B, C}, s.options());
-  at::Tensor attn_co = at::empty({B, H, W}, s.options().dtype(acc_type));
-  at::Tensor attn_di = at::empty({B, H, W}, s.options().dtype(acc_type));
-  if (s.numel() == 0) {  // C = 0: S = 0 everywhere (zero vectors), so both maps are 1 / (1 + eps)
-    pooled_s.zero_();
-    pooled_t.zero_();
-    attn_co.fill_(1.0 / (1.0 + eps));
-    attn_di.fill_(1.0 / (1.0 + eps));
-    return {pooled_s, pooled_t, attn_co, attn_di};
-  }
+  at::Tensor pooled_s, pooled_t, attn_co, attn_di;
+  std::tie(pooled_s, pooled_t, attn_co, attn_di) = adm_pool_outputs(s, eps);
+  if (s.numel() == 0) return {pooled_s, pooled_t, attn_co, attn_di};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "adm_pool_cuda", [&] {
     using kscalar_t = kernel_scalar_t<scalar_t>;
@@ -45,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adm_pool_cuda(const a
     // From the caching allocator on this stream: stream-ordered reuse, graph-private pool.
     const at::Tensor workspace = at::empty(
         {kernels::adm_pool_forward_workspace_size<kscalar_t>(layout, B, C, H * W)},
-        s.options().dtype(acc_type));
+        attn_co.options());
     C10_CUDA_CHECK(kernels::launch_adm_pool_forward<kscalar_t>(
         kernel_ptr<scalar_t>(s), kernel_ptr<scalar_t>(t), layout, B, C, H * W, eps,
         kernel_mutable_ptr<scalar_t>(pooled_s), kernel_mutable_ptr<scalar_t>(pooled_t),

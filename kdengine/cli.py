@@ -31,6 +31,10 @@ def _cmd_info(args) -> int:
         if built["cuda_archs"]:
             table.add_row("CUDA archs", built["cuda_archs"])
     table.add_row("CPU threads", str(torch.get_num_threads()))
+    if _extension.HAS_CPU_OPS:
+        limit = os.environ.get("KDENGINE_CPU_BUFFER_CACHE_MB", "1024")
+        held = _extension._C.cpu_buffer_cache_bytes() / 2**20
+        table.add_row("CPU buffer cache", f"{held:.0f} of {limit} MiB held (KDENGINE_CPU_BUFFER_CACHE_MB)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -1,5 +1,6 @@
 # kdengine developer entry points. `make test` works on a fresh machine: it installs what is
-# missing (system packages when root, a virtualenv, torch, kdengine) and runs the suite.
+# missing (system packages when root: build tools and FFCV's OpenCV / libjpeg-turbo headers; a
+# virtualenv, torch, FFCV, kdengine) and runs the suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ setup: $(STAMP)
 
 $(VENV)/bin/python:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=""; for p in build-essential ninja-build cmake; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  missing=""; for p in build-essential ninja-build cmake pkg-config libopencv-dev libturbojpeg0-dev; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(CSRC)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q ninja pybind11 numpy rich pytest expecttest hypothesis triton
+	$(BIN)/python -m pip install -q ffcv numba pillow opencv-python-headless  # needs the apt packages above
 	MAX_JOBS=$(JOBS) $(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	@touch $@
 

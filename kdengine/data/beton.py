@@ -2,8 +2,8 @@
 complete. Each writer fills a temporary file next to the destination and renames it into place
 only when FFCV has finished; an existing destination is refused unless ``overwrite=True``.
 
-This module holds the embedded dataset's writer and its on-disk cache; the ImageFolder and CIFAR
-writers and the loaders build on the same ``atomic_beton`` helper.
+Writers: the embedded dataset (and its on-disk cache), the CIFAR python-pickle layout and
+ImageFolder trees; the loaders (next) read what they write.
 """
 from __future__ import annotations
 
@@ -70,10 +70,7 @@ def write_embedded(
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    if write_mode not in WRITE_MODES:
-        raise ValueError(f"write_embedded: write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
-    if not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"write_embedded: jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    _check_image_options("write_embedded", write_mode, jpeg_quality)
     workers = num_workers or os.cpu_count() or 1
     images, labels, masks = generate(spec, split, workers=workers)
     fields = {
@@ -97,3 +94,210 @@ def embedded_beton(spec: EmbeddedSpec = EmbeddedSpec(), split: str = "train") ->
         except FileExistsError:  # another process finished it first
             pass
     return path
+
+
+# ---------------------------------------------------------------------------------- CIFAR
+
+
+CIFAR_LAYOUTS = {
+    # directory name: (train files, test files, meta file, label key, label-names key)
+    "cifar-10-batches-py": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
+                            b"labels", b"label_names"),
+    "cifar-100-python": (["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+
+
+def _unpickle(path: Path) -> dict:
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable CIFAR pickle ({exc})") from exc
+
+
+def read_cifar(source: os.PathLike | str, split: str):
+    """``(images uint8 [N, 32, 32, 3], labels int64 [N], class_names)`` of the ``train`` or
+    ``test`` split of a CIFAR-10 (``cifar-10-batches-py``) or CIFAR-100 (``cifar-100-python``)
+    python-pickle directory."""
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"CIFAR source {source} is not a directory")
+    layout = CIFAR_LAYOUTS.get(source.name)
+    if layout is None:  # name unknown: recognise the layout by its files
+        layout = next((v for v in CIFAR_LAYOUTS.values() if (source / v[2]).exists()), None)
+    if layout is None:
+        raise FileNotFoundError(
+            f"{source}: no CIFAR layout found (expected batches.meta + data_batch_* or meta + train/test)")
+    train_files, test_files, meta_file, label_key, names_key = layout
+    if split not in ("train", "test"):
+        raise ValueError(f"read_cifar: split must be 'train' or 'test', got {split!r}")
+    files = [source / name for name in (train_files if split == "train" else test_files)]
+    missing = [str(p) for p in files + [source / meta_file] if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"CIFAR source {source} lacks {missing}")
+    images, labels = [], []
+    for path in files:
+        batch = _unpickle(path)
+        if b"data" not in batch or label_key not in batch:
+            raise ValueError(f"{path}: no {b'data'!r} / {label_key!r} entries")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{path}: data must be [N, 3072] uint8, got {data.shape}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(source / meta_file)[names_key]]
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), names
+
+
+def write_cifar(
+    source: os.PathLike | str,
+    split: str,
+    path: os.PathLike | str,
+    *,
+    overwrite: bool = False,
+    write_mode: str = "raw",
+    jpeg_quality: int = 90,
+    compress_probability: float = 0.5,
+    num_workers: Optional[int] = None,
+    chunk_size: int = 100,
+) -> Path:
+    """Write a CIFAR split (python-pickle layout) to ``path`` with fields ``image`` and ``label``."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    _check_image_options("write_cifar", write_mode, jpeg_quality)
+    images, labels, _ = read_cifar(source, split)
+    fields = {
+        "image": RGBImageField(write_mode=write_mode, max_resolution=32,
+                               compress_probability=compress_probability, jpeg_quality=jpeg_quality),
+        "label": IntField(),
+    }
+    with atomic_beton(path, overwrite=overwrite) as tmp:
+        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers or os.cpu_count() or 1)
+        writer.from_indexed_dataset(_IndexedPairs(images, labels), chunksize=chunk_size)
+    return Path(path)
+
+
+class _IndexedPairs:
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def _check_image_options(op: str, write_mode: str, jpeg_quality: int) -> None:
+    if write_mode not in WRITE_MODES:
+        raise ValueError(f"{op}: write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"{op}: jpeg_quality must be in [1, 100], got {jpeg_quality}")
+
+
+# ---------------------------------------------------------------------------------- ImageFolder
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def scan_image_folder(root: os.PathLike | str) -> tuple[list, list]:
+    """``(files, class_names)`` of an ImageNet-style tree (one folder per class, sorted); ``files``
+    holds ``(path, label)``. A missing or empty root, or a class folder without images, raises."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageFolder source {root} is not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"ImageFolder source {root} has no class folders")
+    files = []
+    for label, name in enumerate(classes):
+        images = sorted(p for p in (root / name).iterdir()
+                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            raise ValueError(f"class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        files.extend((p, label) for p in images)
+    return files, classes
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _unreadable(files: list, workers: int) -> list:
+    """The files PIL cannot decode, each with the reason, found by decoding all of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(item):
+        try:
+            _load_rgb(item[0])
+            return None
+        except Exception as exc:  # PIL raises many types for bad files
+            return item[0], f"{type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
+        return [bad for bad in pool.map(check, files) if bad is not None]
+
+
+class _ImageFiles:
+    def __init__(self, files: list):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path, label = self.files[i]
+        return _load_rgb(path), label
+
+
+def write_image_folder(
+    root: os.PathLike | str,
+    path: os.PathLike | str,
+    *,
+    overwrite: bool = False,
+    max_resolution: Optional[int] = None,
+    write_mode: str = "proportion",
+    jpeg_quality: int = 90,
+    compress_probability: float = 0.5,
+    on_error: str = "fail",
+    num_workers: Optional[int] = None,
+    chunk_size: int = 100,
+) -> tuple[Path, list]:
+    """Write an ImageFolder tree to ``path`` (fields ``image``, ``label``; labels are the sorted
+    class folders' indices). Every image is decoded once first: an unreadable one raises naming
+    the file (``on_error="fail"``) or is left out and reported (``on_error="skip"``).
+
+    Returns ``(path, skipped)`` with ``skipped`` the ``(file, reason)`` pairs left out."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    _check_image_options("write_image_folder", write_mode, jpeg_quality)
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"write_image_folder: on_error must be 'fail' or 'skip', got {on_error!r}")
+    if Path(path).exists() and not overwrite:  # refuse before the long decode pass
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    workers = num_workers or os.cpu_count() or 1
+    files, _ = scan_image_folder(root)
+    skipped = _unreadable(files, workers)
+    if skipped and on_error == "fail":
+        bad, reason = skipped[0]
+        raise ValueError(f"unreadable image {bad} ({reason}); {len(skipped)} in all; "
+                         "on_error='skip' (--skip-bad) leaves them out")
+    bad_paths = {p for p, _ in skipped}
+    files = [item for item in files if item[0] not in bad_paths]
+    if not files:
+        raise ValueError(f"ImageFolder source {root}: no readable images")
+    image_field = RGBImageField(write_mode=write_mode, jpeg_quality=jpeg_quality,
+                                compress_probability=compress_probability,
+                                **({"max_resolution": max_resolution} if max_resolution else {}))
+    with atomic_beton(path, overwrite=overwrite) as tmp:
+        writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()}, num_workers=workers)
+        writer.from_indexed_dataset(_ImageFiles(files), chunksize=chunk_size)
+    return Path(path), skipped

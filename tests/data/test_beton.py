@@ -16,7 +16,7 @@ def read_all(path):
     loader = Loader(str(path), batch_size=32, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()],
                                "mask": [NDArrayDecoder()]})
-    images, labels, masks = zip(*[(x, y, m) for x, y, m in loader])
+    images, labels, masks = zip(*[(x.copy(), y.copy(), m.copy()) for x, y, m in loader])  # buffers are reused
     return np.concatenate(images), np.concatenate(labels)[:, 0], np.concatenate(masks)
 
 

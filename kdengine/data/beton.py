@@ -37,15 +37,17 @@ def atomic_beton(path: os.PathLike | str, *, overwrite: bool = False) -> Iterato
 
 
 class _IndexedArrays:
-    """The ``(image, label, mask)`` tuples FFCV's ``from_indexed_dataset`` reads."""
+    """The ``(image, label[, mask])`` tuples FFCV's ``from_indexed_dataset`` reads."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, masks: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, masks: Optional[np.ndarray] = None):
         self.images, self.labels, self.masks = images, labels, masks
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
+        if self.masks is None:
+            return self.images[i], int(self.labels[i])
         return self.images[i], int(self.labels[i]), self.masks[i]
 
 
@@ -176,19 +178,8 @@ def write_cifar(
     }
     with atomic_beton(path, overwrite=overwrite) as tmp:
         writer = DatasetWriter(str(tmp), fields, num_workers=num_workers or os.cpu_count() or 1)
-        writer.from_indexed_dataset(_IndexedPairs(images, labels), chunksize=chunk_size)
+        writer.from_indexed_dataset(_IndexedArrays(images, labels), chunksize=chunk_size)
     return Path(path)
-
-
-class _IndexedPairs:
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i])
 
 
 def _check_image_options(op: str, write_mode: str, jpeg_quality: int) -> None:

@@ -51,6 +51,18 @@ class _IndexedArrays:
         return self.images[i], int(self.labels[i]), self.masks[i]
 
 
+def _write_indexed(path, fields: dict, dataset, *, overwrite: bool, num_workers: int,
+                   chunk_size: int) -> Path:
+    """Write an indexed dataset (``len`` + ``[i]`` -> one tuple per sample, in ``fields``'
+    order) to ``path`` through FFCV, atomically."""
+    from ffcv.writer import DatasetWriter
+
+    with atomic_beton(path, overwrite=overwrite) as tmp:
+        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
+        writer.from_indexed_dataset(dataset, chunksize=chunk_size)
+    return Path(path)
+
+
 def write_embedded(
     spec: EmbeddedSpec,
     split: str,
@@ -70,7 +82,6 @@ def write_embedded(
     ``"proportion"`` (JPEG with probability ``compress_probability``) or ``"smart"``.
     """
     from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     _check_image_options("write_embedded", write_mode, jpeg_quality)
     workers = num_workers or os.cpu_count() or 1
@@ -81,10 +92,8 @@ def write_embedded(
         "label": IntField(),
         "mask": NDArrayField(dtype=np.dtype("uint8"), shape=(spec.size, spec.size)),
     }
-    with atomic_beton(path, overwrite=overwrite) as tmp:
-        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        writer.from_indexed_dataset(_IndexedArrays(images, labels, masks), chunksize=chunk_size)
-    return Path(path)
+    return _write_indexed(path, fields, _IndexedArrays(images, labels, masks), overwrite=overwrite,
+                          num_workers=workers, chunk_size=chunk_size)
 
 
 def embedded_beton(spec: EmbeddedSpec = EmbeddedSpec(), split: str = "train") -> Path:
@@ -167,7 +176,6 @@ def write_cifar(
 ) -> Path:
     """Write a CIFAR split (python-pickle layout) to ``path`` with fields ``image`` and ``label``."""
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     _check_image_options("write_cifar", write_mode, jpeg_quality)
     images, labels, _ = read_cifar(source, split)
@@ -176,10 +184,8 @@ def write_cifar(
                                compress_probability=compress_probability, jpeg_quality=jpeg_quality),
         "label": IntField(),
     }
-    with atomic_beton(path, overwrite=overwrite) as tmp:
-        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers or os.cpu_count() or 1)
-        writer.from_indexed_dataset(_IndexedArrays(images, labels), chunksize=chunk_size)
-    return Path(path)
+    return _write_indexed(path, fields, _IndexedArrays(images, labels), overwrite=overwrite,
+                          num_workers=num_workers or os.cpu_count() or 1, chunk_size=chunk_size)
 
 
 def _check_image_options(op: str, write_mode: str, jpeg_quality: int) -> None:
@@ -267,7 +273,6 @@ def write_image_folder(
 
     Returns ``(path, skipped)`` with ``skipped`` the ``(file, reason)`` pairs left out."""
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     _check_image_options("write_image_folder", write_mode, jpeg_quality)
     if on_error not in ("fail", "skip"):
@@ -288,7 +293,6 @@ def write_image_folder(
     image_field = RGBImageField(write_mode=write_mode, jpeg_quality=jpeg_quality,
                                 compress_probability=compress_probability,
                                 **({"max_resolution": max_resolution} if max_resolution else {}))
-    with atomic_beton(path, overwrite=overwrite) as tmp:
-        writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()}, num_workers=workers)
-        writer.from_indexed_dataset(_ImageFiles(files), chunksize=chunk_size)
-    return Path(path), skipped
+    written = _write_indexed(path, {"image": image_field, "label": IntField()}, _ImageFiles(files),
+                             overwrite=overwrite, num_workers=workers, chunk_size=chunk_size)
+    return written, skipped

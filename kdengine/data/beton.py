@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -227,8 +227,9 @@ def _load_rgb(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def _unreadable(files: list, workers: int) -> list:
-    """The files PIL cannot decode, each with the reason, found by decoding all of them."""
+def _unreadable(files: list, workers: int, progress: Optional[Callable[[int, int], None]] = None) -> list:
+    """The files PIL cannot decode, each with the reason, found by decoding all of them;
+    ``progress(done, total)`` is called after each file."""
     from concurrent.futures import ThreadPoolExecutor
 
     def check(item):
@@ -238,8 +239,14 @@ def _unreadable(files: list, workers: int) -> list:
         except Exception as exc:  # PIL raises many types for bad files
             return item[0], f"{type(exc).__name__}: {exc}"
 
+    bad = []
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
-        return [bad for bad in pool.map(check, files) if bad is not None]
+        for done, result in enumerate(pool.map(check, files), 1):
+            if result is not None:
+                bad.append(result)
+            if progress is not None:
+                progress(done, len(files))
+    return bad
 
 
 class _ImageFiles:
@@ -266,10 +273,14 @@ def write_image_folder(
     on_error: str = "fail",
     num_workers: Optional[int] = None,
     chunk_size: int = 100,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[Path, list]:
     """Write an ImageFolder tree to ``path`` (fields ``image``, ``label``; labels are the sorted
     class folders' indices). Every image is decoded once first: an unreadable one raises naming
     the file (``on_error="fail"``) or is left out and reported (``on_error="skip"``).
+
+    ``progress(done, total)``, if given, is called during that decode pass (FFCV's writer shows
+    its own bar for the write itself).
 
     Returns ``(path, skipped)`` with ``skipped`` the ``(file, reason)`` pairs left out."""
     from ffcv.fields import IntField, RGBImageField
@@ -281,11 +292,11 @@ def write_image_folder(
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     workers = num_workers or os.cpu_count() or 1
     files, _ = scan_image_folder(root)
-    skipped = _unreadable(files, workers)
+    skipped = _unreadable(files, workers, progress)
     if skipped and on_error == "fail":
         bad, reason = skipped[0]
         raise ValueError(f"unreadable image {bad} ({reason}); {len(skipped)} in all; "
-                         "on_error='skip' (--skip-bad) leaves them out")
+                         "on_error='skip' (--on-error skip) leaves them out")
     bad_paths = {p for p, _ in skipped}
     files = [item for item in files if item[0] not in bad_paths]
     if not files:

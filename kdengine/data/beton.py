@@ -3,7 +3,9 @@ complete. Each writer fills a temporary file next to the destination and renames
 only when FFCV has finished; an existing destination is refused unless ``overwrite=True``.
 
 Writers: the embedded dataset (and its on-disk cache), the CIFAR python-pickle layout and
-ImageFolder trees; the loaders (next) read what they write.
+ImageFolder trees; :mod:`kdengine.data.loaders` reads what they write. Every writer stores an
+``index`` field (``int``, the sample's position in the file) last, because FFCV's loader does not
+report which samples a batch holds.
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ import numpy as np
 from .embedded import EmbeddedSpec, cache_dir, generate
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
+
+#: The layout of the files the writers produce; part of the embedded cache's file name, so a cached
+#: file from an older layout (version 1 had no ``index`` field) is never reused.
+BETON_VERSION = 2
 
 
 @contextlib.contextmanager
@@ -37,7 +43,7 @@ def atomic_beton(path: os.PathLike | str, *, overwrite: bool = False) -> Iterato
 
 
 class _IndexedArrays:
-    """The ``(image, label[, mask])`` tuples FFCV's ``from_indexed_dataset`` reads."""
+    """The ``(image, label[, mask], index)`` tuples FFCV's ``from_indexed_dataset`` reads."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, masks: Optional[np.ndarray] = None):
         self.images, self.labels, self.masks = images, labels, masks
@@ -47,8 +53,8 @@ class _IndexedArrays:
 
     def __getitem__(self, i: int):
         if self.masks is None:
-            return self.images[i], int(self.labels[i])
-        return self.images[i], int(self.labels[i]), self.masks[i]
+            return self.images[i], int(self.labels[i]), i
+        return self.images[i], int(self.labels[i]), self.masks[i], i
 
 
 def _write_indexed(path, fields: dict, dataset, *, overwrite: bool, num_workers: int,
@@ -76,7 +82,7 @@ def write_embedded(
     chunk_size: int = 100,
 ) -> Path:
     """Generate one split of the embedded dataset and write it to ``path`` with the fields
-    ``image`` (RGB), ``label`` (int) and ``mask`` (``uint8 [S, S]`` foreground mask).
+    ``image`` (RGB), ``label`` (int), ``mask`` (``uint8 [S, S]`` foreground mask) and ``index``.
 
     ``write_mode``: ``"raw"`` (bit-exact, the default: the images are tiny), ``"jpg"``,
     ``"proportion"`` (JPEG with probability ``compress_probability``) or ``"smart"``.
@@ -91,14 +97,16 @@ def write_embedded(
                                compress_probability=compress_probability, jpeg_quality=jpeg_quality),
         "label": IntField(),
         "mask": NDArrayField(dtype=np.dtype("uint8"), shape=(spec.size, spec.size)),
+        "index": IntField(),
     }
     return _write_indexed(path, fields, _IndexedArrays(images, labels, masks), overwrite=overwrite,
                           num_workers=workers, chunk_size=chunk_size)
 
 
 def embedded_beton(spec: EmbeddedSpec = EmbeddedSpec(), split: str = "train") -> Path:
-    """The ``.beton`` of one split, written on first use under ``cache_dir()/<spec.key()>/``."""
-    path = cache_dir() / spec.key() / f"{split}.beton"
+    """The ``.beton`` of one split, written on first use under ``cache_dir()/<spec.key()>/``; the
+    file name carries :data:`BETON_VERSION`."""
+    path = cache_dir() / spec.key() / f"{split}-beton{BETON_VERSION}.beton"
     if not path.exists():
         try:
             write_embedded(spec, split, path)
@@ -174,7 +182,8 @@ def write_cifar(
     num_workers: Optional[int] = None,
     chunk_size: int = 100,
 ) -> Path:
-    """Write a CIFAR split (python-pickle layout) to ``path`` with fields ``image`` and ``label``."""
+    """Write a CIFAR split (python-pickle layout) to ``path`` with fields ``image``, ``label`` and
+    ``index``."""
     from ffcv.fields import IntField, RGBImageField
 
     _check_image_options("write_cifar", write_mode, jpeg_quality)
@@ -183,6 +192,7 @@ def write_cifar(
         "image": RGBImageField(write_mode=write_mode, max_resolution=32,
                                compress_probability=compress_probability, jpeg_quality=jpeg_quality),
         "label": IntField(),
+        "index": IntField(),
     }
     return _write_indexed(path, fields, _IndexedArrays(images, labels), overwrite=overwrite,
                           num_workers=num_workers or os.cpu_count() or 1, chunk_size=chunk_size)
@@ -258,7 +268,7 @@ class _ImageFiles:
 
     def __getitem__(self, i: int):
         path, label = self.files[i]
-        return _load_rgb(path), label
+        return _load_rgb(path), label, i
 
 
 def write_image_folder(
@@ -275,8 +285,8 @@ def write_image_folder(
     chunk_size: int = 100,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[Path, list]:
-    """Write an ImageFolder tree to ``path`` (fields ``image``, ``label``; labels are the sorted
-    class folders' indices). Every image is decoded once first: an unreadable one raises naming
+    """Write an ImageFolder tree to ``path`` (fields ``image``, ``label``, ``index``; labels are the
+    sorted class folders' indices). Every image is decoded once first: an unreadable one raises naming
     the file (``on_error="fail"``) or is left out and reported (``on_error="skip"``).
 
     ``progress(done, total)``, if given, is called during that decode pass (FFCV's writer shows
@@ -304,6 +314,7 @@ def write_image_folder(
     image_field = RGBImageField(write_mode=write_mode, jpeg_quality=jpeg_quality,
                                 compress_probability=compress_probability,
                                 **({"max_resolution": max_resolution} if max_resolution else {}))
-    written = _write_indexed(path, {"image": image_field, "label": IntField()}, _ImageFiles(files),
-                             overwrite=overwrite, num_workers=workers, chunk_size=chunk_size)
+    fields = {"image": image_field, "label": IntField(), "index": IntField()}
+    written = _write_indexed(path, fields, _ImageFiles(files), overwrite=overwrite, num_workers=workers,
+                             chunk_size=chunk_size)
     return written, skipped

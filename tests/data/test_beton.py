@@ -7,7 +7,8 @@ ffcv = pytest.importorskip("ffcv", reason="FFCV is installed by `make test`; ins
 from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
-from kdengine.data import EmbeddedSpec, atomic_beton, embedded_beton, generate, write_embedded  # noqa: E402
+from kdengine.data import (BETON_VERSION, EmbeddedSpec, atomic_beton, embedded_beton, generate,  # noqa: E402
+                           write_embedded)
 
 SPEC = EmbeddedSpec(train_per_class=6, val_per_class=2, seed=3)
 
@@ -15,8 +16,10 @@ SPEC = EmbeddedSpec(train_per_class=6, val_per_class=2, seed=3)
 def read_all(path):
     loader = Loader(str(path), batch_size=32, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()],
-                               "mask": [NDArrayDecoder()]})
-    images, labels, masks = zip(*[(x.copy(), y.copy(), m.copy()) for x, y, m in loader])  # buffers are reused
+                               "mask": [NDArrayDecoder()], "index": [IntDecoder()]})
+    images, labels, masks, index = zip(*[(x.copy(), y.copy(), m.copy(), i.copy())
+                                         for x, y, m, i in loader])  # buffers are reused
+    np.testing.assert_array_equal(np.concatenate(index)[:, 0], np.arange(loader.reader.num_samples))
     return np.concatenate(images), np.concatenate(labels)[:, 0], np.concatenate(masks)
 
 
@@ -69,5 +72,6 @@ def test_embedded_beton_is_cached_by_spec(tmp_path, monkeypatch):
     monkeypatch.setenv("KDENGINE_CACHE", str(tmp_path))
     path = embedded_beton(SPEC, "val")
     assert path.parent == tmp_path / SPEC.key() and path.exists()
+    assert f"beton{BETON_VERSION}" in path.name  # a file of an older layout is never reused
     mtime = path.stat().st_mtime_ns
     assert embedded_beton(SPEC, "val") == path and path.stat().st_mtime_ns == mtime  # not rewritten

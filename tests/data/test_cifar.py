@@ -49,8 +49,10 @@ def make_cifar100(root, n=6, seed=1):
 
 def read_beton(path):
     loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
-    images, labels = zip(*[(x.copy(), y.copy()) for x, y in loader])  # FFCV reuses its batch buffers
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()],
+                               "index": [IntDecoder()]})
+    images, labels, index = zip(*[(x.copy(), y.copy(), i.copy()) for x, y, i in loader])  # buffers are reused
+    np.testing.assert_array_equal(np.concatenate(index)[:, 0], np.arange(loader.reader.num_samples))
     return np.concatenate(images), np.concatenate(labels)[:, 0]
 
 

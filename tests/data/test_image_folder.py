@@ -25,8 +25,11 @@ def make_tree(root, classes=("cat", "dog"), per_class=3, size=(20, 16)):
 
 def read_beton(path):
     loader = Loader(str(path), batch_size=1, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
-    return [(x[0].copy(), int(y[0, 0])) for x, y in loader]  # FFCV reuses its batch buffers
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()],
+                               "index": [IntDecoder()]})
+    got = [(x[0].copy(), int(y[0, 0]), int(i[0, 0])) for x, y, i in loader]  # FFCV reuses its batch buffers
+    assert [i for _, _, i in got] == list(range(len(got)))
+    return [(x, y) for x, y, _ in got]
 
 
 def test_raw_round_trip_is_bit_exact(tmp_path):

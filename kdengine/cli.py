@@ -105,11 +105,292 @@ def _cmd_bench_ops(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ kdengine data
+
+
+def _cmd_data_write(args) -> int:
+    """``kdengine data write SOURCE_FORMAT ...``: the work is kdengine.data.write's; errors are
+    one line on stderr and exit code 1 (argparse's own usage errors exit 2)."""
+    prog = f"kdengine data write {args.source_format}"
+    try:
+        from .data import write as data_write
+
+        options = data_write.WriteOptions(
+            write_mode=args.write_mode, compress_probability=args.compress_probability,
+            jpeg_quality=args.jpeg_quality, num_workers=args.num_workers, chunk_size=args.chunk_size,
+            overwrite=args.overwrite)
+        if args.source_format == "embedded":
+            source = dict(split=args.split, size=args.size, num_classes=args.num_classes,
+                          per_class=args.per_class, seed=args.seed)
+        elif args.source_format == "cifar":
+            source = dict(source=args.source, split=args.split)
+        else:
+            source = dict(source=args.source, max_resolution=args.max_resolution, on_error=args.on_error)
+        data_write.prepare(args.source_format, args.output, options, **source)  # all checks, before long work
+        if args.source_format == "embedded":
+            print(f"{prog}: generating the {args.split} split ({args.num_classes} classes, "
+                  f"{args.size}x{args.size} px, seed {args.seed})", file=sys.stderr)
+            result = data_write.write_embedded_split(args.output, options=options, **source)
+        elif args.source_format == "cifar":
+            result = data_write.write_cifar_split(args.output, options=options, **source)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(TextColumn("checking images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          transient=False) as bar:
+                task = bar.add_task("check", total=None)
+                result = data_write.write_image_folder_tree(
+                    args.output, options=options, **source,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except ImportError as exc:
+        print(f"{prog}: error: {exc} (FFCV is needed: pip install 'kdengine[ffcv]')", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:  # missing source, existing output, bad values, bad files
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {args.output} was not written", file=sys.stderr)
+        return 130
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable image(s):", file=sys.stderr)
+        for path, reason in result.skipped[:20]:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        if len(result.skipped) > 20:
+            print(f"  ... and {len(result.skipped) - 20} more", file=sys.stderr)
+    print(f"wrote {result.samples} samples to {result.path} ({data_write.format_size(result.size_bytes)}, "
+          f"write mode {result.write_mode}) in {result.seconds:.1f} s")
+    return 0
+
+
+_DATA_WRITE_EPILOG = """\
+examples:
+  kdengine data write embedded embedded_train.beton --split train
+  kdengine data write embedded tiny.beton --size 64 --num-classes 5 --per-class 100 --seed 1
+  kdengine data write cifar ~/data/cifar-10-batches-py cifar10_train.beton --split train
+  kdengine data write imagefolder ~/imagenet/train in1k_train.beton \\
+      --max-resolution 500 --write-mode proportion --compress-probability 0.5 --jpeg-quality 90
+
+The output is written to a temporary file next to it and renamed into place when complete, so a
+.beton at the output path is never partial. An existing output is refused unless --overwrite.
+Errors are one line on stderr and exit code 1.
+"""
+
+
+def _add_write_options(parser: argparse.ArgumentParser, source_format: str) -> None:
+    from .data.write import DEFAULT_WRITE_MODE
+
+    g = parser.add_argument_group("image encoding and writing (FFCV RGBImageField / DatasetWriter)")
+    g.add_argument("--write-mode", choices=["raw", "jpg", "proportion", "smart"],
+                   help="raw: uncompressed pixels (bit-exact, fastest to decode, largest); jpg: every image "
+                        "JPEG; proportion: JPEG with probability --compress-probability; smart: FFCV's "
+                        "per-image choice, which in FFCV 1.0.2 without a size threshold writes raw "
+                        "(default for this source: "
+                        f"{DEFAULT_WRITE_MODE[source_format]})")
+    g.add_argument("--compress-probability", type=float, default=0.5, metavar="P",
+                   help="share of images JPEG-compressed in 'proportion' mode (default: 0.5)")
+    g.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality 1-100 (default: 90)")
+    g.add_argument("--num-workers", type=int, metavar="N", help="writer processes (default: all CPU cores)")
+    g.add_argument("--chunk-size", type=int, default=100, metavar="N",
+                   help="samples per writer work unit (default: 100)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="datasets: write .beton files (embedded, CIFAR, ImageFolder)",
+                          description="Dataset tools.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND", title="commands")
+    write = data_sub.add_parser(
+        "write", help="write a dataset to an FFCV .beton file",
+        description="Write a dataset to an FFCV .beton file. Pick the source format first;\n"
+                    "`kdengine data write FORMAT --help` lists its options.",
+        epilog=_DATA_WRITE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formats = write.add_subparsers(dest="source_format", required=True, metavar="FORMAT",
+                                   title="source formats")
+
+    emb = formats.add_parser(
+        "embedded", help="the built-in generated dataset (shapes on cluttered backgrounds, with masks)",
+        description="Generate one split of the embedded dataset (no download: images are computed "
+                    "from the seed; the same parameters give the same bytes) and write it with the "
+                    "fields image, label and mask.")
+    emb.add_argument("output", help="the .beton file to write")
+    emb.add_argument("--split", choices=["train", "val"], default="train", help="default: train")
+    emb.add_argument("--size", type=int, default=32, help="image side in pixels, at least 16 (default: 32)")
+    emb.add_argument("--num-classes", type=int, default=10, help="shape classes, 1-10 (default: 10)")
+    emb.add_argument("--per-class", type=int, metavar="N",
+                     help="images per class in the split (default: 5000 train, 1000 val)")
+    emb.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    _add_write_options(emb, "embedded")
+
+    cif = formats.add_parser(
+        "cifar", help="a CIFAR-10 / CIFAR-100 python-pickle directory",
+        description="Write one split of CIFAR-10 (cifar-10-batches-py) or CIFAR-100 (cifar-100-python), "
+                    "the python-pickle directories of the official archives, with the fields image and "
+                    "label (CIFAR-100: the fine labels).")
+    cif.add_argument("source", help="the extracted cifar-10-batches-py or cifar-100-python directory")
+    cif.add_argument("output", help="the .beton file to write")
+    cif.add_argument("--split", choices=["train", "test"], default="train", help="default: train")
+    _add_write_options(cif, "cifar")
+
+    imf = formats.add_parser(
+        "imagefolder", help="an ImageNet-style tree: one sub-folder of images per class",
+        description="Write an ImageFolder tree (SOURCE/<class>/<image>, classes labelled 0.. in sorted "
+                    "order) with the fields image and label. Every image is decoded once first "
+                    "(progress bar), so an unreadable file is found before writing starts.")
+    imf.add_argument("source", help="the root folder holding one folder per class")
+    imf.add_argument("output", help="the .beton file to write")
+    imf.add_argument("--max-resolution", type=int, metavar="PX",
+                     help="downscale images whose longer side exceeds PX (ffcv-imagenet uses 256-512; "
+                          "default: keep the original size)")
+    imf.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                     help="an unreadable image: fail naming it (default), or skip it and list the skipped "
+                          "files at the end")
+    _add_write_options(imf, "imagefolder")
+    for p in (emb, cif, imf):
+        p.set_defaults(func=_cmd_data_write)
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+# ------------------------------------------------------------------ train / eval / viz
+
+
+def _results_table(title: str, tags, names, roles, last: dict, best: dict | None = None):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("model", "architecture", "role", "top-1 (last)", "top-5 (last)") + (("top-1 (best)",) if best else ()):
+        table.add_column(col)
+    rows = list(zip(tags, names, roles)) + [("ensemble", "mean of the probabilities", "")]
+    for tag, name, role in rows:
+        cells = [tag, name, role, f"{last.get(f'{tag}/top1', float('nan')):.2f}",
+                 f"{last.get(f'{tag}/top5', float('nan')):.2f}"]
+        if best:
+            cells.append(f"{best.get(tag, float('nan')):.2f}")
+        table.add_row(*cells)
+    return table
+
+
+def _cmd_train(args) -> int:
+    from rich.console import Console
+
+    from .engine import ConfigError, NonFiniteLossError, Trainer, load_config
+
+    console = Console()
+    overrides = list(args.overrides)
+    for flag, key in ((args.resume, "train.resume"), (args.device, "train.device"),
+                      (args.epochs, "train.epochs"), (args.output_dir, "train.output_dir"),
+                      (args.run_name, "train.run_name")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    if args.no_cuda_graph:
+        overrides.append("train.cuda_graph=false")
+    try:
+        cfg = load_config(args.config, overrides)
+        trainer = Trainer(cfg, progress=not args.quiet, console=console)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"kdengine train: {exc}", file=sys.stderr)
+        return 2
+    if trainer.dist.is_main:
+        models = ", ".join(f"{m.name} ({m.role})" for m in cfg.models)
+        resumed = f", resuming at epoch {trainer.epoch} step {trainer.global_step}" if trainer.global_step else ""
+        console.print(f"[bold]kdengine train[/]: {cfg.method.name} on {models}; data {cfg.data.dataset}; "
+                      f"{cfg.train.epochs} epochs of {trainer.steps_per_epoch} steps on {trainer.device}"
+                      f"{' x' + str(trainer.dist.world_size) if trainer.dist.enabled else ''}{resumed}")
+        console.print(f"run directory: {trainer.run_dir}")
+    try:
+        summary = trainer.fit()
+    except NonFiniteLossError as exc:
+        print(f"kdengine train: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.dist.close()
+    if not trainer.dist.is_main:
+        return 0
+    if summary["last"]:
+        console.print(_results_table(f"{cfg.method.name}: validation after epoch {summary['last']['epoch'] + 1}",
+                                     trainer.tags, [m.name for m in cfg.models], list(trainer.roles),
+                                     summary["last"], summary["best"]))
+    console.print(f"run directory: {summary['run_dir']} (config.yaml, metrics.jsonl/.csv, checkpoint.pt, curves.png)")
+    if summary["status"] == "interrupted":
+        return 130
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from rich.console import Console
+
+    from .engine import ConfigError
+    from .engine.evaluate import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"kdengine eval: {exc}", file=sys.stderr)
+        return 2
+    Console().print(_results_table(f"{args.checkpoint} (after epoch {result['epoch']}): validation",
+                                   result["tags"], result["names"], result["roles"], result["metrics"]))
+    return 0
+
+
+def _cmd_viz(args) -> int:
+    from .viz import plot_run
+
+    try:
+        path = plot_run(args.run_dir, args.output)
+    except FileNotFoundError as exc:
+        print(f"kdengine viz: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_train_parsers(sub) -> None:
+    train = sub.add_parser(
+        "train", help="train models with a distillation method (no arguments: the embedded default)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train M models jointly with a distillation method.\n\n"
+                    "With no arguments: DML+ADM, a resnet32x4-class teacher and a resnet8x4-class student on the\n"
+                    "embedded dataset (generated and cached on first use), a few minutes on 2 CPU cores.\n"
+                    "A YAML from configs/ sets up a paper experiment; key=value items override any setting.",
+        epilog="examples:\n"
+               "  kdengine train\n"
+               "  kdengine train train.epochs=3 method.name=dml\n"
+               "  kdengine train --config configs/cifar100/dml_adm_resnet32x4_resnet8x4.yaml data.train_path=...\n"
+               "  kdengine train method.name=kd+adm models.0.checkpoint=runs/vanilla/checkpoint.pt\n"
+               "  kdengine train --resume auto            # continue the run of the same name\n"
+               "  torchrun --nproc-per-node 8 -m kdengine.cli train --config ...\n"
+               "settings: see configs/embedded/default.yaml (every key with its default).",
+    )
+    train.add_argument("--config", help="experiment YAML (e.g. configs/...); default: the embedded default")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. optim.lr=0.05 models.1.name=resnet8 method.options.adm.beta=0.1")
+    train.add_argument("--resume", help="'auto' (continue the run directory's last checkpoint if any) or a checkpoint path")
+    train.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
+    train.add_argument("--epochs", type=int, help="train.epochs")
+    train.add_argument("--output-dir", help="parent of run directories (train.output_dir, default runs)")
+    train.add_argument("--run-name", help="run directory name (train.run_name)")
+    train.add_argument("--no-cuda-graph", action="store_true", help="run the step eagerly on CUDA")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint's models and their ensemble on the validation set")
+    ev.add_argument("checkpoint", help="a checkpoint.pt written by kdengine train")
+    ev.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="override the stored configuration, e.g. data.val_path=... train.device=cpu")
+    ev.set_defaults(func=_cmd_eval)
+
+    viz = sub.add_parser("viz", help="plot a run's accuracy and loss curves to a PNG")
+    viz.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    viz.add_argument("--output", help="PNG path (default: RUN_DIR/curves.png)")
+    viz.set_defaults(func=_cmd_viz)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdengine",
         description="kdengine: knowledge distillation with fused kernels. "
-                    "Commands available in this version: info, bench.",
+                    "Commands available in this version: info, bench, data.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -135,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     bops.add_argument("--output", default=os.path.join(REPO_RESULTS, "ops.csv"), help="CSV to append to")
     bops.add_argument("--no-save", action="store_true", help="print only, append nothing")
     bops.set_defaults(func=_cmd_bench_ops)
+
+    _add_data_parser(sub)
+    _add_train_parsers(sub)
     return parser
 
 

@@ -6,7 +6,6 @@ The command line (kdengine/cli.py) only parses arguments, shows progress and pri
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +71,37 @@ def check_options(source_format: str, output, options: WriteOptions, *, max_reso
         raise FileExistsError(f"output {output} exists; pass --overwrite to replace it")
 
 
+def prepare(source_format: str, output, options: WriteOptions = WriteOptions(), *, source=None,
+            split: str = "train", max_resolution=None, on_error: str = "fail", size: int = 32,
+            num_classes: int = 10, per_class: Optional[int] = None, seed: int = 0):
+    """Every check of one write, done before any long work (and FFCV imported, so a missing FFCV
+    fails here too). Returns the :class:`EmbeddedSpec` for ``embedded``, else ``None``."""
+    import ffcv.fields  # noqa: F401  (slow first import: numba; done before progress bars start)
+
+    spec = None
+    if source_format == "embedded":
+        from .embedded import EmbeddedSpec
+
+        if split not in ("train", "val"):
+            raise ValueError(f"embedded --split must be 'train' or 'val', got {split!r}")
+        counts = {}
+        if per_class is not None:
+            counts = {"train_per_class" if split == "train" else "val_per_class": per_class}
+        spec = EmbeddedSpec(num_classes=num_classes, size=size, seed=seed, **counts)  # validates
+        if spec.count(split) == 0:
+            raise ValueError("--per-class 0 gives an empty dataset")
+    elif source_format == "cifar":
+        if split not in ("train", "test"):
+            raise ValueError(f"CIFAR --split must be 'train' or 'test', got {split!r}")
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"CIFAR source {source} is not a directory")
+    elif source_format == "imagefolder":
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"ImageFolder source {source} is not a directory")
+    check_options(source_format, output, options, max_resolution=max_resolution, on_error=on_error)
+    return spec
+
+
 def _result(path, source_format, start, mode, skipped=()) -> WriteResult:
     from ffcv.reader import Reader
 
@@ -88,17 +118,9 @@ def write_embedded_split(output, *, split: str = "train", size: int = 32, num_cl
     ``per_class`` defaults to the :class:`~kdengine.data.embedded.EmbeddedSpec` default of the
     split (5000 train, 1000 val)."""
     from .beton import write_embedded
-    from .embedded import EmbeddedSpec
 
-    if split not in ("train", "val"):
-        raise ValueError(f"embedded --split must be 'train' or 'val', got {split!r}")
-    check_options("embedded", output, options)
-    counts = {}
-    if per_class is not None:
-        counts = {"train_per_class" if split == "train" else "val_per_class": per_class}
-    spec = EmbeddedSpec(num_classes=num_classes, size=size, seed=seed, **counts)  # validates
-    if spec.count(split) == 0:
-        raise ValueError("--per-class 0 gives an empty dataset")
+    spec = prepare("embedded", output, options, split=split, size=size, num_classes=num_classes,
+                   per_class=per_class, seed=seed)
     mode = options.write_mode or DEFAULT_WRITE_MODE["embedded"]
     start = time.perf_counter()
     path = write_embedded(spec, split, output, overwrite=options.overwrite, write_mode=mode,
@@ -107,16 +129,12 @@ def write_embedded_split(output, *, split: str = "train", size: int = 32, num_cl
     return _result(path, "embedded", start, mode)
 
 
-def write_cifar_split(source, output, *, split: str = "train",
+def write_cifar_split(output, *, source, split: str = "train",
                       options: WriteOptions = WriteOptions()) -> WriteResult:
     """Write the ``train`` or ``test`` split of a CIFAR-10/100 python-pickle directory."""
     from .beton import write_cifar
 
-    if split not in ("train", "test"):
-        raise ValueError(f"CIFAR --split must be 'train' or 'test', got {split!r}")
-    if not Path(source).is_dir():
-        raise FileNotFoundError(f"CIFAR source {source} is not a directory")
-    check_options("cifar", output, options)
+    prepare("cifar", output, options, source=source, split=split)
     mode = options.write_mode or DEFAULT_WRITE_MODE["cifar"]
     start = time.perf_counter()
     path = write_cifar(source, split, output, overwrite=options.overwrite, write_mode=mode,
@@ -125,16 +143,14 @@ def write_cifar_split(source, output, *, split: str = "train",
     return _result(path, "cifar", start, mode)
 
 
-def write_image_folder_tree(source, output, *, max_resolution: Optional[int] = None, on_error: str = "fail",
+def write_image_folder_tree(output, *, source, max_resolution: Optional[int] = None, on_error: str = "fail",
                             options: WriteOptions = WriteOptions(),
                             progress: Optional[Callable[[int, int], None]] = None) -> WriteResult:
     """Write an ImageFolder tree (one sub-folder per class). ``progress(done, total)`` follows the
     decode/validation pass over every image; FFCV's writer prints its own bar after it."""
     from .beton import write_image_folder
 
-    if not Path(source).is_dir():
-        raise FileNotFoundError(f"ImageFolder source {source} is not a directory")
-    check_options("imagefolder", output, options, max_resolution=max_resolution, on_error=on_error)
+    prepare("imagefolder", output, options, source=source, max_resolution=max_resolution, on_error=on_error)
     mode = options.write_mode or DEFAULT_WRITE_MODE["imagefolder"]
     start = time.perf_counter()
     path, skipped = write_image_folder(
@@ -151,7 +167,3 @@ def format_size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"  # pragma: no cover
-
-
-def default_workers(options: WriteOptions) -> int:
-    return options.num_workers or os.cpu_count() or 1

@@ -47,6 +47,20 @@ class Method(nn.Module):
     def end_epoch(self, epoch: int) -> None:
         """Called after each epoch's last step."""
 
+    def step_gates(self) -> Optional[torch.Tensor]:
+        """Optional per-model optimizer gates, read by the engine after each ``forward``.
+
+        ``None`` (the default): every trainable model steps every iteration. Otherwise a float
+        tensor ``[M]`` on the device (a buffer the method rewrites in ``forward``, so its address
+        is fixed for CUDA graphs) holding 1.0 where model m steps this iteration and 0.0 where its
+        optimizer step is skipped entirely (parameters, momentum and weight decay unchanged), e.g.
+        SwitOKD's teacher in expert ("downtime") mode, whose reference code does not call
+        ``optimizer.step()`` then. The method already zeroes that model's loss terms, so an engine
+        that ignores the gates still gives the model a zero gradient (but momentum and weight decay
+        keep moving it).
+        """
+        return None
+
     def forward(
         self,
         outputs: Sequence[ModelOutput],

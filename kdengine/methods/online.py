@@ -1,0 +1,196 @@
+"""Online distillation: every model trains from scratch in the same step.
+
+Vanilla (each model its own CE), DML (Zhang et al., CVPR 2018; ADM paper Eq. 2-4), KDCL (Guo et
+al., CVPR 2020) and SwitOKD (Qian et al., ECCV 2022). Each takes an optional :class:`ADMPairs`
+(``<name>+adm``, ADM paper Eq. 5-12) added between every teacher and every student.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..losses.kl import kd_kl, soft_probs
+from ._common import DistillMethod, add_term, ce_terms, students_of, teachers_of
+
+KDCL_ENSEMBLES = ("minlogit", "mean")
+
+
+class Vanilla(DistillMethod):
+    """Each model trained alone: ``L_m = CE(z_m, y)`` (ADM paper Eq. 1).
+
+    With one model this is how ``--method vanilla`` trains an offline teacher. ``vanilla+adm`` is
+    ADM without the DML term, ``L = sum_m CE_m + L_adm + gamma * L_feat`` (the "ADM" column of
+    the ADM paper's Table 14, "individual effectiveness of ADM").
+    """
+
+    def __init__(self, roles, num_classes, adm=None):
+        super().__init__(roles, [True] * len(roles), num_classes, adm)
+
+    def losses(self, outputs, target, terms):
+        ce_terms(outputs, target, range(len(outputs)), terms)
+        return None
+
+
+def mutual_kl(outputs, temperature: float) -> list[torch.Tensor]:
+    """Per model m: ``tau^2 * KL(p_n || p_m)`` averaged over the other models n, each p_n
+    detached (ADM paper Eq. 2-3; the average for more than two models as in DML)."""
+    probs = [soft_probs(o.logits, temperature) for o in outputs]
+    out = []
+    for m, o in enumerate(outputs):
+        others = [p for n, p in enumerate(probs) if n != m]
+        out.append(sum(kd_kl(o.logits, p, temperature) for p in others) / len(others))
+    return out
+
+
+class DML(DistillMethod):
+    """Deep Mutual Learning, ADM paper Eq. 4: ``L_dml = sum_m [CE(z_m, y) + lambda * L_kd^m]``
+    with ``L_kd^m = tau^2 KL(p_other || p_m)`` (Eq. 2-3), the other model's prediction detached
+    and, with more than two models, the KL averaged over the others (= ``DMLLoss``).
+    Paper setting (Sec. 5.1): ``tau = 1``, ``lambda = 1``. ``dml+adm`` is Eq. 10:
+    ``L_total = L_dml + gamma * L_feat + L_adm`` with ADM between each teacher and each student
+    (Sec. 5.6: DML among all three models in 1T2S / 2T1S).
+    """
+
+    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None):
+        super().__init__(roles, [True] * len(roles), num_classes, adm)
+        self.weight, self.temperature = float(weight), float(temperature)
+
+    def losses(self, outputs, target, terms):
+        ce_terms(outputs, target, range(len(outputs)), terms)
+        for m, kl in enumerate(mutual_kl(outputs, self.temperature)):
+            terms[f"kl/{m}"] = self.weight * kl
+        return None
+
+
+def kdcl_ensemble(logits: Sequence[torch.Tensor], target: torch.Tensor, kind: str = "minlogit"):
+    """KDCL's ensemble logits (Guo et al., CVPR 2020, Sec. 3.2), detached.
+
+    ``"minlogit"`` (KDCL-MinLogit, Eq. 7 of the KDCL paper): shift each model's logits so the
+    target class sits at 0, ``z^m - z^m_y``, then take the element-wise minimum over the models.
+    ``"mean"``: the plain average of the logits (the naive ensemble).
+    """
+    zs = torch.stack([z.detach().float() for z in logits])  # [M, B, C]
+    if kind == "mean":
+        return zs.mean(0)
+    if kind != "minlogit":
+        raise ValueError(f"kdcl ensemble must be one of {KDCL_ENSEMBLES}, got {kind!r}")
+    idx = target.view(1, -1, 1).expand(zs.shape[0], -1, 1)
+    return (zs - zs.gather(2, idx)).amin(0)
+
+
+class KDCL(DistillMethod):
+    """KDCL, Online Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020):
+    every model ``m`` minimises ``CE(z_m, y) + lambda * tau^2 KL(softmax(z_e / tau) || p_m)``
+    with ``z_e`` the detached ensemble of all models' logits (KDCL Eq. 1-2), by default
+    KDCL-MinLogit (KDCL Eq. 7, see :func:`kdcl_ensemble`): the variant the online-KD literature
+    the ADM paper follows (SwitOKD, SHAKE) reports as "KDCL", needing no validation set, unlike
+    KDCL-Linear/-General. The ADM paper fixes ``tau = 1``, ``lambda = 1`` for every method
+    (Sec. 5.1). KDCL's per-model data augmentation is a data-pipeline matter, not modelled here.
+    """
+
+    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, ensemble="minlogit", adm=None):
+        super().__init__(roles, [True] * len(roles), num_classes, adm)
+        if ensemble not in KDCL_ENSEMBLES:
+            raise ValueError(f"kdcl ensemble must be one of {KDCL_ENSEMBLES}, got {ensemble!r}")
+        self.weight, self.temperature, self.ensemble = float(weight), float(temperature), ensemble
+
+    def losses(self, outputs, target, terms):
+        ce_terms(outputs, target, range(len(outputs)), terms)
+        z_e = kdcl_ensemble([o.logits for o in outputs], target, self.ensemble)
+        p_e = soft_probs(z_e, self.temperature)
+        for m, o in enumerate(outputs):
+            terms[f"kl/{m}"] = self.weight * kd_kl(o.logits, p_e, self.temperature)
+        return None
+
+
+def switokd_switch(z_t: torch.Tensor, z_s: torch.Tensor, target: torch.Tensor, temperature: float = 1.0):
+    """SwitOKD's switching rule (Qian et al., ECCV 2022, Sec. 3.2-3.3), all on the device.
+
+    With batch means of L1 distances of softened predictions (``tau``; the authors' code: 1):
+    distillation gap ``G = ||p_t - p_s||_1``, ``d_s = ||p_s - y||_1``, ``d_t = ||p_t - y||_1``,
+    adaptive threshold ``delta = d_s - exp(-d_t / (d_s + d_t)) * d_t``. The teacher is in
+    *expert* ("downtime") mode, paused while the student keeps learning, when ``G > delta`` and
+    ``d_t < d_s`` (the second condition is in the authors' code); otherwise in *learning* mode.
+
+    Returns ``(expert, gap, threshold)``: a 0-d bool tensor and two 0-d floats. No host sync.
+    """
+    onehot = F.one_hot(target, z_t.shape[1]).float()
+    p_t = F.softmax(z_t.detach().float() / temperature, dim=1)
+    p_s = F.softmax(z_s.detach().float() / temperature, dim=1)
+    d_t = (p_t - onehot).abs().sum(1).mean()
+    d_s = (p_s - onehot).abs().sum(1).mean()
+    gap = (p_t - p_s).abs().sum(1).mean()
+    threshold = d_s - torch.exp(-d_t / (d_s + d_t).clamp_min(1e-12)) * d_t
+    expert = (gap > threshold) & (d_t < d_s)
+    return expert, gap, threshold
+
+
+class SwitOKD(DistillMethod):
+    """Switchable Online Knowledge Distillation (Qian et al., ECCV 2022).
+
+    DML's losses (ADM paper Eq. 2-4; ``tau = 1``, ``lambda = 1``) with each teacher switching
+    per step between *learning* mode (it trains: ``CE_t + KL(p_s || p_t)``) and *expert*
+    ("downtime") mode (its loss is dropped; the student still learns ``CE_s + KL(p_t || p_s)``)
+    by :func:`switokd_switch`. The switch is a device-side mask (``torch.where``): no host sync,
+    so the step stays inside a CUDA graph; ``"switch/<teacher>"`` logs 1 for learning, 0 for
+    expert mode, and ``step_gates()`` exposes it so the engine can skip the paused teacher's
+    optimizer step altogether, as the authors' code does.
+
+    Three or more models follow SwitOKD's multi-network code (Sec. 3.5; 1T2S and 2T1S): every
+    (teacher, student) pair switches on its own; a teacher's KL term from a student is masked by
+    that pair's mode, and its CE and KL terms from other teachers are dropped only when it is in
+    expert mode against every student. Students always learn from everyone. Unlike the authors'
+    code, which sums a model's KL terms, they are averaged over the other models as in DML
+    (identical with two models).
+
+    ``switokd+adm``: ADM between each teacher and each student (ADM paper Table 1, 11); the
+    teacher's ``beta * L_di`` of a pair is masked like its KL term from that student.
+    """
+
+    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None):
+        super().__init__(roles, [True] * len(roles), num_classes, adm)
+        self.weight, self.temperature = float(weight), float(temperature)
+        self.teacher_ids, self.student_ids = teachers_of(roles), students_of(roles)
+        if not self.teacher_ids or not self.student_ids:
+            raise ValueError(f"switokd needs at least one teacher and one student, got roles {tuple(roles)}")
+        self.register_buffer("gates", torch.ones(len(roles)))
+
+    def step_gates(self) -> Optional[torch.Tensor]:
+        return self.gates
+
+    def losses(self, outputs, target, terms):
+        n = len(outputs)
+        probs = [soft_probs(o.logits, self.temperature) for o in outputs]
+        learn = {}  # (teacher, student) -> 0-d float: 1 learning, 0 expert
+        for t in self.teacher_ids:
+            for s in self.student_ids:
+                expert, gap, threshold = switokd_switch(
+                    outputs[t].logits, outputs[s].logits, target, self.temperature
+                )
+                learn[(t, s)] = torch.where(expert, 0.0, 1.0)
+                terms[f"gap/{t}-{s}"] = gap
+                terms[f"threshold/{t}-{s}"] = threshold
+        gates = []
+        for m, o in enumerate(outputs):
+            ce = F.cross_entropy(o.logits, target)
+            kls = []
+            if m in self.teacher_ids:
+                # active unless in expert mode against every student
+                active = 1.0 - torch.stack([1.0 - learn[(m, s)] for s in self.student_ids]).prod()
+                for k in range(n):
+                    if k != m:
+                        g = learn[(m, k)] if k in self.student_ids else active
+                        kls.append(g * kd_kl(o.logits, probs[k], self.temperature))
+                terms[f"switch/{m}"] = active
+                terms[f"ce/{m}"] = active * ce
+                gates.append(active)
+            else:
+                kls = [kd_kl(o.logits, probs[k], self.temperature) for k in range(n) if k != m]
+                terms[f"ce/{m}"] = ce
+                gates.append(torch.ones((), device=ce.device))
+            terms[f"kl/{m}"] = self.weight * sum(kls) / len(kls)
+        if self.training:
+            self.gates.copy_(torch.stack(gates))
+        return learn

@@ -1,0 +1,241 @@
+"""The device-resident loader: a small dataset held whole on the device as uint8 (airbench-style),
+cropped, flipped and normalised there in batches. Same interface as the FFCV loader
+(:class:`~._loading.KDLoader`); :func:`kdengine.data.make_loader` picks it for ``cifar_*``
+pipelines when the set fits (``device_resident="auto"``).
+
+Deterministic: the epoch order is a function of ``(seed, epoch)`` and each batch's crops and flips
+of ``(seed, epoch, rank, world_size, batch index)`` alone, drawn from a CPU ``torch.Generator``
+seeded from them (so the CPU and CUDA give the same batches too). A run resumed with
+``set_epoch(epoch, start_batch)`` therefore sees exactly the batches an uninterrupted one sees.
+
+Pipelines as for FFCV, with two differences: ``imagenet_train``'s RandomResizedCrop resamples
+with ``grid_sample`` (bilinear, no antialiasing when it shrinks) and ``imagenet_val`` resizes with
+antialiased bilinear interpolation (FFCV uses OpenCV's area resampling); ``cifar_train`` also has
+``padding_mode="reflect"``. Masks follow every crop and flip (nearest sampling: they stay {0, 1}).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._loading import (
+    _AUGMENT, RRC_RATIO, RRC_SCALE, BetonInfo, KDLoader, LoaderConfig, Normalizer, center_crop_box,
+    epoch_batches, epoch_order, resize_masks, seed_for, shard,
+)
+
+__all__ = ["DeviceLoader"]
+
+
+class DeviceLoader(KDLoader):
+    """Build with :meth:`from_arrays` or ``make_loader(path, ..., device_resident=True)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, masks: Optional[torch.Tensor],
+                 indices: torch.Tensor, config: LoaderConfig):
+        dev = config.device
+        self.config = config
+        self.images = images.to(dev).contiguous()  # uint8 [N, H, W, 3]
+        self.labels = labels.to(dev, torch.int64)
+        self.masks = None if masks is None else masks.to(dev, torch.uint8).contiguous()
+        self.indices = indices.to(dev, torch.int64)
+        self.dataset_size, h, w = self.images.shape[:3]
+        self._image_size = (h, w)
+        if config.pipeline == "cifar_train" and config.padding_mode == "reflect" and config.crop_padding >= min(h, w):
+            raise ValueError(f"crop_padding={config.crop_padding} must be smaller than the images "
+                             f"({h}x{w}) for padding_mode='reflect'")
+        self._shard_size = len(shard(np.arange(self.dataset_size), config.rank, config.world_size,
+                                     config.drop_last))
+        self._normalize = Normalizer(config)
+        self._fill = torch.tensor([round(m) for m in config.mean], dtype=torch.uint8, device=dev)
+        self._init_epochs()
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_arrays(cls, images, labels, masks=None, indices=None, *, pipeline: str = "cifar_train",
+                    batch_size: int, **options) -> "DeviceLoader":
+        """A loader over in-memory arrays (numpy or torch): ``images`` uint8 ``[N, H, W, 3]``,
+        ``labels`` integers ``[N]``, ``masks`` uint8/bool ``[N, H, W]`` (needed for the "mask"
+        field), ``indices`` integers ``[N]`` (default ``0..N-1``). ``options``: those of
+        :func:`kdengine.data.make_loader` (``num_workers`` and ``os_cache`` are unused)."""
+        options.pop("device_resident", None)
+        config = LoaderConfig(pipeline=pipeline, batch_size=batch_size, **options)
+        images = _tensor("images", images)
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[0] == 0:
+            raise ValueError(f"images must be uint8 [N, H, W, 3] with N >= 1, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        n, h, w = images.shape[:3]
+        labels = _tensor("labels", labels)
+        if labels.shape != (n,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers [N={n}], got {labels.dtype} {tuple(labels.shape)}")
+        if masks is not None:
+            masks = _tensor("masks", masks)
+            if masks.shape != (n, h, w) or masks.dtype not in (torch.uint8, torch.bool):
+                raise ValueError(f"masks must be uint8 or bool [N, H, W] = [{n}, {h}, {w}] like the images, "
+                                 f"got {masks.dtype} {tuple(masks.shape)}")
+        elif "mask" in config.fields:
+            raise ValueError("fields: 'mask' is asked for but masks=None")
+        if indices is None:
+            indices = torch.arange(n)
+        indices = _tensor("indices", indices)
+        if indices.shape != (n,) or indices.dtype.is_floating_point:
+            raise ValueError(f"indices must be integers [N={n}], got {indices.dtype} {tuple(indices.shape)}")
+        return cls(images, labels, masks, indices, config)
+
+    @classmethod
+    def _from_beton(cls, info: BetonInfo, config: LoaderConfig) -> "DeviceLoader":
+        """Read every sample once through FFCV (sequential, raw bytes), then move it to the device."""
+        from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+
+        wanted = {"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]}
+        if "mask" in config.fields:
+            wanted["mask"] = [NDArrayDecoder()]
+        if "index" in config.fields:
+            wanted["index"] = [IntDecoder()]
+        pipelines = {name: wanted.get(name) for name in info.fields}
+        loader = Loader(str(info.path), batch_size=min(1024, info.num_samples), num_workers=config.num_workers,
+                        os_cache=config.os_cache, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        pipelines=pipelines)
+        names = list(loader.pipeline_specs)
+        parts = {name: [] for name in names}
+        for batch in loader:
+            for name, x in zip(names, batch):
+                parts[name].append(np.array(x))  # a copy: FFCV reuses its buffers
+        got = {name: torch.from_numpy(np.concatenate(p)) for name, p in parts.items()}
+        indices = got["index"][:, 0] if "index" in got else torch.arange(info.num_samples)
+        return cls(got["image"], got["label"][:, 0], got.get("mask"), indices, config)
+
+    # ------------------------------------------------------------------ iteration
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """Positions (rows of the arrays) of this rank's samples in ``epoch``, in batch order."""
+        c = self.config
+        mine = epoch_batches(shard(epoch_order(self.dataset_size, c.order, c.seed, epoch), c.rank,
+                                   c.world_size, c.drop_last), c.batch_size, c.drop_last)
+        return torch.from_numpy(np.ascontiguousarray(mine)).to(c.device)
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch, start = self._take_epoch()
+        c = self.config
+        rows = self.epoch_indices(epoch)
+        res = c.resolution_at(epoch) if c.is_imagenet else None
+        for b in range(start, len(self)):
+            sel = rows[b * c.batch_size:(b + 1) * c.batch_size]
+            g = torch.Generator().manual_seed(seed_for(c.seed, _AUGMENT, epoch, c.rank, c.world_size, b))
+            yield self._batch(sel, g, res)
+
+    def _batch(self, sel: torch.Tensor, g: torch.Generator, res: Optional[int]) -> tuple:
+        c = self.config
+        want_img, want_mask = "image" in c.fields, "mask" in c.fields
+        images = masks = None
+        if c.pipeline == "cifar_val":
+            images = self._normalize.nhwc(self.images[sel]) if want_img else None
+            masks = self.masks[sel] if want_mask else None
+        elif c.pipeline == "cifar_train":
+            images, masks = self._translate_flip(sel, g, want_img, want_mask)
+        elif c.pipeline == "imagenet_train":
+            images, masks = self._random_resized_crop(sel, g, res, want_img, want_mask)
+        else:
+            h, w = self._image_size
+            box = center_crop_box(h, w)
+            if want_img:
+                top, left, side = box
+                x = self.images[sel, top:top + side, left:left + side].permute(0, 3, 1, 2).float()
+                if side != res:
+                    x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
+                images = self._normalize.nchw_float(x.clamp_(0, 255))
+            masks = resize_masks(self.masks[sel], *box, res) if want_mask else None
+        out = {"image": images, "mask": masks}
+        return tuple(out[f] if f in out else (self.labels if f == "label" else self.indices)[sel]
+                     for f in c.fields)
+
+    def _translate_flip(self, sel, g, want_img, want_mask):
+        """Pad-and-crop (a random shift of up to ``crop_padding`` pixels each way) and flip, as one
+        gather per batch: each output pixel's source row and column, the border read by
+        reflection or replaced by the fill colour (0 for masks)."""
+        c, dev = self.config, self.config.device
+        b = len(sel)
+        h, w = self._image_size
+        p = c.crop_padding
+        flip = (torch.rand(b, generator=g) < 0.5).to(dev)
+        dy, dx = (torch.randint(-p, p + 1, (2, b), generator=g) if p else torch.zeros(2, b, dtype=torch.int64)).to(dev)
+        ar_h = torch.arange(h, device=dev)
+        ar_w = torch.arange(w, device=dev)
+        rows = ar_h[None] + dy[:, None]  # [B, H]
+        cols = torch.where(flip[:, None], (w - 1 - ar_w)[None], ar_w[None]) + dx[:, None]  # [B, W]
+        valid = None
+        if c.padding_mode == "reflect":
+            rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
+            cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
+        elif p:
+            valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+            rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+        at = (sel[:, None, None], rows[:, :, None], cols[:, None, :])
+        images = masks = None
+        if want_img:
+            x = self.images[at]  # [B, H, W, 3]
+            if valid is not None:
+                x = torch.where(valid[..., None], x, self._fill)
+            images = self._normalize.nhwc(x)
+        if want_mask:
+            masks = self.masks[at]
+            if valid is not None:
+                masks = masks * valid
+        return images, masks
+
+    def _random_resized_crop(self, sel, g, res, want_img, want_mask):
+        """torchvision's RandomResizedCrop box rule (ten tries, then the centre fallback) drawn for
+        the whole batch at once, then one ``grid_sample`` with the flip folded into the affine map."""
+        c, dev = self.config, self.config.device
+        b = len(sel)
+        h, w = self._image_size
+        tries = 10
+        area = torch.empty(b, tries).uniform_(*RRC_SCALE, generator=g) * (h * w)
+        log_r = torch.empty(b, tries).uniform_(math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]), generator=g)
+        ratio = log_r.exp()
+        cw = (area * ratio).sqrt().round()
+        ch = (area / ratio).sqrt().round()
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = ok.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+        cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+        u = torch.rand(b, 2, generator=g)
+        top = (u[:, 0] * (h - ch + 1)).floor()
+        left = (u[:, 1] * (w - cw + 1)).floor()
+        # no try fitted: the largest centred box with an allowed aspect ratio
+        in_ratio = w / h
+        fw, fh = (w, round(w / RRC_RATIO[0])) if in_ratio < RRC_RATIO[0] else \
+            (round(h * RRC_RATIO[1]), h) if in_ratio > RRC_RATIO[1] else (w, h)
+        miss = ~ok.any(1)
+        cw, ch = torch.where(miss, float(fw), cw), torch.where(miss, float(fh), ch)
+        top, left = torch.where(miss, float((h - fh) // 2), top), torch.where(miss, float((w - fw) // 2), left)
+        flip = torch.rand(b, generator=g) < 0.5
+        # align_corners=False: normalised -1 / +1 are the outer edges of the first / last pixel
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
+        theta[:, 0, 2] = (2 * left + cw) / w - 1
+        theta[:, 1, 1] = ch / h
+        theta[:, 1, 2] = (2 * top + ch) / h - 1
+        grid = F.affine_grid(theta.to(dev), [b, 1, res, res], align_corners=False)
+        images = masks = None
+        if want_img:
+            x = self.images[sel].permute(0, 3, 1, 2).float()
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            images = self._normalize.nchw_float(x)
+        if want_mask:
+            m = F.grid_sample(self.masks[sel][:, None].float(), grid, mode="nearest", padding_mode="border",
+                              align_corners=False)
+            masks = m[:, 0].to(torch.uint8)
+        return images, masks
+
+
+def _tensor(name: str, x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.from_numpy(np.ascontiguousarray(x))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__} ({exc})") from None

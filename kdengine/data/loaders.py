@@ -1,0 +1,285 @@
+"""Loaders of ``.beton`` files for training and evaluation: :func:`make_loader` builds either the
+FFCV-backed :class:`FFCVLoader` or the device-resident :class:`~.device_loader.DeviceLoader`;
+both are :class:`KDLoader` s with the same interface.
+
+Pipelines (``pipeline=``):
+
+* ``imagenet_train``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) decoded straight to
+  ``resolution`` pixels (an int, or ``callable(epoch) -> int`` for a per-epoch schedule), random
+  horizontal flip.
+* ``imagenet_val``: centre crop of side ``224/256`` of the short side, resized to ``resolution``.
+* ``cifar_train``: random translation by up to ``crop_padding`` pixels (pad and crop; the border
+  is the ``mean`` colour, ``padding_mode="fill"``, or mirrored, ``"reflect"``: device loader
+  only), random horizontal flip; the images keep their stored size (``resolution`` is unused).
+* ``cifar_val``: the images as stored.
+
+Then, on ``device`` (``ToDevice(non_blocking=True)`` on CUDA): NCHW, channels_last memory when
+asked, ``(x - mean) / std`` in ``dtype``.
+
+``device_resident="auto"`` picks the device loader for ``cifar_*`` pipelines when the decoded set
+(``N*H*W*3`` bytes, plus ``N*H*W`` with masks, plus 16 bytes a sample for labels and indices)
+fits :func:`resident_budget`: 2 GiB on the CPU, a quarter of the free memory of a CUDA device. It
+holds the set as uint8 and runs crop and flip batched on the device (far faster than FFCV's
+per-image CPU work on 32-pixel images); ``imagenet_*`` pipelines stay with FFCV under "auto".
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ._loading import (
+    FIELDS, IMAGENET_MEAN, IMAGENET_STD, ORDERS, PIPELINES, RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO,
+    BetonInfo, KDLoader, LoaderConfig, Normalizer, Resolution, beton_info, center_crop_box,
+    check_fields, epoch_batches, epoch_order, resize_masks, shard,
+)
+
+__all__ = ["FIELDS", "IMAGENET_MEAN", "IMAGENET_STD", "ORDERS", "PIPELINES", "FFCVLoader", "KDLoader",
+           "make_loader", "resident_budget", "resident_bytes"]
+
+GiB = 1 << 30
+CPU_RESIDENT_BUDGET = 2 * GiB
+CUDA_RESIDENT_FRACTION = 0.25
+
+
+def make_loader(
+    path: Union[str, os.PathLike],
+    *,
+    pipeline: str,
+    batch_size: int,
+    num_workers: Optional[int] = None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: Optional[bool] = None,
+    order: Optional[str] = None,
+    drop_last: Optional[bool] = None,
+    distributed: bool = False,
+    seed: int = 0,
+    os_cache: bool = True,
+    fields: Sequence[str] = ("image", "label"),
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    resolution: Resolution = 224,
+    device_resident: Union[bool, str] = "auto",
+    crop_padding: int = 4,
+    padding_mode: str = "fill",
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    batches_ahead: int = 3,
+) -> KDLoader:
+    """A loader of the ``.beton`` at ``path`` (see the module docstring for the pipelines).
+
+    ``num_workers``: FFCV's threads (default: all cores). ``channels_last``: None means True on
+    CUDA. ``order``: ``"random"`` (a permutation per epoch from ``seed``), ``"quasi_random"``
+    (FFCV's page-local shuffle, for sets larger than the page cache; the device loader treats it as
+    random) or ``"sequential"``; None means sequential for ``*_val`` and random otherwise.
+    ``drop_last``: None means True for train pipelines. ``distributed``: shard each epoch over the
+    ranks of the ``torch.distributed`` group (or the explicit ``rank`` / ``world_size``): disjoint
+    shards covering the epoch (see :func:`._loading.shard`). ``os_cache``: FFCV reads through the
+    page cache (else its own process cache). ``fields``: any of "image", "label", "mask", "index",
+    yielded in the order given. ``mean`` / ``std``: per channel in 0..255 units (ImageNet's by
+    default). ``device_resident``: True, False or "auto" (the rule above). ``batches_ahead``:
+    FFCV's prefetch depth.
+    """
+    config = LoaderConfig(
+        pipeline=pipeline, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype,
+        channels_last=channels_last, order=order, drop_last=drop_last, distributed=distributed, seed=seed,
+        os_cache=os_cache, fields=fields, mean=mean, std=std, resolution=resolution,
+        crop_padding=crop_padding, padding_mode=padding_mode, rank=rank, world_size=world_size,
+        batches_ahead=batches_ahead)
+    if device_resident not in (True, False, "auto"):
+        raise ValueError(f"device_resident must be True, False or 'auto', got {device_resident!r}")
+    info = beton_info(path)
+    check_fields(info, config)
+    if device_resident == "auto":
+        device_resident = (not config.is_imagenet and info.constant_size is not None
+                           and resident_bytes(info, config.fields) <= resident_budget(config.device))
+    if device_resident:
+        from .device_loader import DeviceLoader
+
+        return DeviceLoader._from_beton(info, config)
+    return FFCVLoader(info, config)
+
+
+def resident_bytes(info: BetonInfo, fields: Sequence[str] = ("image", "label")) -> int:
+    """Bytes the device loader holds for this file (images, masks if asked, labels, indices)."""
+    h, w = info.constant_size or (0, 0)
+    n = info.num_samples
+    return n * h * w * (3 + ("mask" in fields)) + 16 * n
+
+
+def resident_budget(device: Union[str, torch.device]) -> int:
+    """The most bytes "auto" puts on ``device``: 2 GiB of host memory, or a quarter of the free
+    memory of a CUDA device (it must leave room for the model and its activations)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_RESIDENT_FRACTION)
+    return CPU_RESIDENT_BUDGET
+
+
+# ---------------------------------------------------------------------------------- FFCV
+
+
+def _make_order_class():
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class EpochOrder(TraversalOrder):
+        """The epoch order FFCV's Loader follows: ours (one seed rule for both loaders, shards
+        without padding, a resumable start), handed to the Loader as an instance it calls with
+        itself."""
+
+        def __init__(self, config: LoaderConfig, dataset_size: int):
+            self.config, self.n = config, dataset_size
+            self.start_batch = 0
+            self._pages = None
+
+        def __call__(self, ffcv_loader):  # Loader does `order(self)` for TraversalOrder instances
+            self.loader = ffcv_loader
+            self.indices, self.seed, self.distributed = ffcv_loader.indices, self.config.seed, False
+            self.sampler = None
+            if self.config.order == "quasi_random":
+                self._pages = _page_table(ffcv_loader.memory_manager.page_to_samples)
+            return self
+
+        def global_order(self, epoch: int) -> np.ndarray:
+            if self.config.order != "quasi_random":
+                return epoch_order(self.n, self.config.order, self.config.seed, epoch)
+            from ffcv.traversal_order.quasi_random import generate_order_inner
+
+            table, sizes = self._pages
+            out = np.zeros(self.n, dtype=np.int64)
+            # on a copy: the routine shuffles the table in place, which would make each epoch's
+            # order depend on the epochs drawn before it (and break resuming)
+            generate_order_inner(self.config.seed * 912300 + epoch, table.copy(), sizes, out,
+                                 2 * self.config.batch_size)
+            return out
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            c = self.config
+            mine = epoch_batches(shard(self.global_order(epoch), c.rank, c.world_size, c.drop_last),
+                                 c.batch_size, c.drop_last)
+            return mine[self.start_batch * c.batch_size:]
+
+    return EpochOrder
+
+
+def _page_table(page_to_samples) -> tuple[np.ndarray, np.ndarray]:
+    """FFCV's page -> samples map as the padded arrays its quasi-random routine reads."""
+    if not page_to_samples:
+        raise ValueError("order='quasi_random' needs a file whose samples live in data pages; use 'random'")
+    pages = int(max(page_to_samples)) + 1
+    width = max(len(s) for s in page_to_samples.values())
+    table = np.zeros((pages, width), dtype=np.int64)
+    sizes = np.zeros(pages, dtype=np.int64)
+    for page, samples in page_to_samples.items():
+        members = sorted(int(s) for s in samples)
+        table[int(page), :len(members)] = members
+        sizes[int(page)] = len(members)
+    return table, sizes
+
+
+class FFCVLoader(KDLoader):
+    """FFCV's Loader with our pipelines, epoch order and output conventions (see
+    :func:`make_loader`). Augmentations run in FFCV's threads on the CPU and are not seeded
+    (FFCV draws from numba's global generator); the order is."""
+
+    def __init__(self, info: BetonInfo, config: LoaderConfig):
+        from ffcv.loader import Loader
+
+        if "mask" in config.fields and not config.is_val:
+            raise ValueError(
+                f"fields: 'mask' with pipeline {config.pipeline!r} is not supported by the FFCV loader "
+                "(its random crops and flips cannot be applied to the masks alike); use the device-resident "
+                "loader: make_loader(..., device_resident=True)")
+        if config.padding_mode != "fill":
+            raise ValueError(f"padding_mode={config.padding_mode!r} is only available on the device-resident "
+                             "loader (device_resident=True); FFCV translates with a fill colour ('fill')")
+        if config.distributed and config.order == "quasi_random" and config.os_cache:
+            pass  # allowed: every rank computes the same global quasi-random order and takes its shard
+        self.config, self.info = config, info
+        self.dataset_size = info.num_samples
+        self._image_size = info.constant_size
+        self._shard_size = len(shard(np.arange(self.dataset_size), config.rank, config.world_size,
+                                     config.drop_last))
+        self._normalize = Normalizer(config)
+        self._res = config.resolution_at(0) if config.is_imagenet else None
+        self._order = _make_order_class()(config, self.dataset_size)
+        pipelines = {name: None for name in info.fields}  # FFCV decodes every field not disabled
+        pipelines.update({name: self._pipeline(name) for name in config.fields})
+        self._loader = Loader(str(info.path), batch_size=config.batch_size, num_workers=config.num_workers,
+                              os_cache=config.os_cache, order=self._order, distributed=False,
+                              seed=config.seed, pipelines=pipelines, drop_last=config.drop_last,
+                              batches_ahead=config.batches_ahead)
+        self._names = list(self._loader.pipeline_specs)  # the order FFCV yields the fields in
+        self._init_epochs()
+
+    def _to_device(self) -> list:
+        from ffcv.transforms import ToDevice, ToTensor
+
+        ops = [ToTensor()]
+        if self.config.device.type != "cpu":  # on the CPU the tensor already is where it goes
+            ops.append(ToDevice(self.config.device, non_blocking=True))
+        return ops
+
+    def _pipeline(self, name: str) -> list:
+        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder,
+                                          RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder)
+        from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
+
+        c = self.config
+        if name in ("label", "index"):
+            return [IntDecoder()] + self._to_device()
+        if name == "mask":
+            return [NDArrayDecoder()] + self._to_device()
+        if c.pipeline == "imagenet_train":
+            self._decoder = RandomResizedCropRGBImageDecoder((self._res, self._res), scale=RRC_SCALE,
+                                                             ratio=RRC_RATIO)
+            ops = [self._decoder, RandomHorizontalFlip()]
+        elif c.pipeline == "imagenet_val":
+            ops = [CenterCropRGBImageDecoder((self._res, self._res), ratio=VAL_CROP_RATIO)]
+        elif c.pipeline == "cifar_train":
+            fill = tuple(int(round(m)) for m in c.mean)  # the border normalises to about 0
+            ops = [SimpleRGBImageDecoder(), RandomHorizontalFlip()]
+            if c.crop_padding:
+                ops.append(RandomTranslate(padding=c.crop_padding, fill=fill))
+        else:
+            ops = [SimpleRGBImageDecoder()]
+        return ops + self._to_device()
+
+    def _set_resolution(self, res: int) -> None:
+        if res != self._res:
+            # the new size changes the buffers every later op allocates: regenerate the pipeline code
+            self._decoder.output_size = (res, res)
+            self._loader.generate_code()
+            self._res = res
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch, start = self._take_epoch()
+        if self.config.pipeline == "imagenet_train":
+            self._set_resolution(self.config.resolution_at(epoch))
+        self._order.start_batch = start
+        self._loader.next_epoch = epoch  # FFCV asks the order for this epoch
+        it = iter(self._loader)
+        try:
+            for batch in it:
+                yield self._outputs(dict(zip(self._names, batch)))
+        finally:
+            it.close()  # stops FFCV's worker thread if the consumer leaves early
+
+    def _outputs(self, got: dict) -> tuple:
+        out = []
+        for name in self.config.fields:
+            x = got[name]
+            if name == "image":
+                out.append(self._normalize.nhwc(x))
+            elif name == "mask":
+                if self.config.pipeline == "imagenet_val":
+                    out.append(resize_masks(x, *center_crop_box(*x.shape[1:]), self._res))
+                else:
+                    out.append(x.clone())  # FFCV reuses its buffers
+            else:
+                out.append(x[:, 0].clone())
+        return tuple(out)

@@ -1,0 +1,27 @@
+"""The model zoo: ``create_model(name, num_classes=...)`` builds any registered model.
+
+Every model is a ``KDModel`` returning ``ModelOutput(logits, features)``; ``features`` lists the
+stage outputs before their final ReLU (entry 0 is the stem, which ADM's L_feat skips; the last is
+the map the classifier ``head`` pools, logits = head(avgpool(relu(features[-1])))). Each family's
+module says which maps it reports.
+
+Registry names (``list_models()``):
+- CIFAR (CRD / mdistiller zoo, 32 px): ``resnet8`` ``resnet14`` ``resnet20`` ``resnet32``
+  ``resnet44`` ``resnet56`` ``resnet110`` ``resnet8x4`` ``resnet32x4`` (cifar_resnet);
+  ``wrn_16_1`` ``wrn_16_2`` ``wrn_40_1`` ``wrn_40_2`` ``wrn_16_10`` (wrn); ``vgg8`` ``vgg11``
+  ``vgg13`` ``vgg16`` ``vgg19``, all with BN (vgg); ``mobilenetv2`` (width 1.0, ``width_mult``
+  kwarg) and ``mobilenetv2_0_5`` (the tables' "MobileNetV2") (cifar_mobilenetv2);
+  ``shufflenetv1`` ``shufflenetv2`` (shufflenet); ``resnet18_cifar`` ``resnet50_cifar``
+  (imagenet_resnet with a CIFAR stem: the zoo's "ResNet18"/"ResNet50").
+- ImageNet (torchvision-compatible state dicts): ``resnet18`` ``resnet34`` ``resnet50``
+  ``resnet101`` ``resnet152`` (imagenet_resnet); ``mobilenet_v2`` (torchvision's name, with
+  ``width_mult``) and ``mobilenetv1`` (imagenet_mobilenet).
+No CIFAR ResNet has an ImageNet depth, so plain ``resnetN`` names cannot collide; the ``_cifar``
+suffix marks the CIFAR-stem copies of ImageNet depths, and ``mobilenet_v2`` (ImageNet) vs
+``mobilenetv2`` (CIFAR) follows torchvision's spelling for the torchvision model.
+"""
+from . import cifar_mobilenetv2, cifar_resnet, imagenet_mobilenet, imagenet_resnet, shufflenet, vgg, wrn  # noqa: F401  (fill the registry)
+from .base import KDModel, ModelOutput, create_model, list_models, register_model
+from .utils import count_parameters
+
+__all__ = ["KDModel", "ModelOutput", "count_parameters", "create_model", "list_models", "register_model"]

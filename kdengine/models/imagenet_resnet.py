@@ -1,0 +1,92 @@
+"""ImageNet ResNets, torchvision-compatible: resnet18/34/50/101/152 (and CIFAR-stem variants).
+
+Same layers, names and initialisation as ``torchvision.models.resnet*`` (v1.5 bottleneck:
+stride on the 3x3 conv), so torchvision checkpoints load unchanged with ``strict=True`` and the
+parameter counts are torchvision's (resnet18 11,689,512 ... resnet152 60,192,808 at 1000 classes).
+``zero_init_residual=True`` zeroes each block's last BN weight, as torchvision's option.
+
+Features (5 entries): the stem's BN output (before ReLU and max-pool, H/2), then the last residual
+sum of layer1-4 before its ReLU (H/4, H/8, H/16, H/32); ``stage_channels`` = (64, 64e, 128e,
+256e, 512e) with e = 1 (basic) or 4 (bottleneck). This is mdistiller's ImageNet ``preact_feats``.
+
+``resnet18_cifar`` / ``resnet50_cifar`` are the CRD zoo's "ResNet18"/"ResNet50" for 32 px input
+(3x3 stride-1 stem, no max-pool; the paper's CIFAR ResNet-50 teacher), same parameter counts as
+the zoo's; they keep torchvision's names, so the zoo's checkpoints need ``shortcut`` ->
+``downsample`` and ``linear`` -> ``fc`` renamed. The ``_cifar`` suffix keeps them apart from the
+ImageNet names (the CIFAR ``resnet8`` ... ``resnet110`` have no ImageNet namesakes).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import KDModel, ModelOutput, register_model
+from .resnet_blocks import BasicBlock, Bottleneck, make_stage
+from .utils import global_pool, init_weights, run_stage
+
+
+class ResNet(KDModel):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int],
+                 num_classes: int = 1000, zero_init_residual: bool = False, cifar_stem: bool = False):
+        super().__init__()
+        e = block.expansion
+        self.num_classes = num_classes
+        self.stage_channels = (64, 64 * e, 128 * e, 256 * e, 512 * e)
+        self.cifar_stem = cifar_stem
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = make_stage(block, 64, 64, depths[0], stride=1)
+        self.layer2 = make_stage(block, 64 * e, 128, depths[1], stride=2)
+        self.layer3 = make_stage(block, 128 * e, 256, depths[2], stride=2)
+        self.layer4 = make_stage(block, 256 * e, 512, depths[3], stride=2)
+        self.fc = nn.Linear(512 * e, num_classes)
+        init_weights(self)  # torchvision leaves fc at PyTorch's default
+        if zero_init_residual:  # each residual branch starts at zero: blocks begin as identities
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn.weight)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        stem = self.bn1(self.conv1(x))
+        x = F.relu(stem)
+        if not self.cifar_stem:
+            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        f1, x = run_stage(self.layer1, x)
+        f2, x = run_stage(self.layer2, x)
+        f3, x = run_stage(self.layer3, x)
+        f4, x = run_stage(self.layer4, x)
+        return ModelOutput(self.fc(global_pool(x)), [stem, f1, f2, f3, f4])
+
+
+_CONFIGS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+def _register(name: str, depth: int, cifar_stem: bool) -> None:
+    block, depths = _CONFIGS[depth]
+
+    def build(num_classes: int = 1000 if not cifar_stem else 100, zero_init_residual: bool = False) -> ResNet:
+        return ResNet(block, depths, num_classes, zero_init_residual, cifar_stem)
+
+    build.__name__ = name
+    build.__doc__ = f"ResNet-{depth} ({'CIFAR stem' if cifar_stem else 'ImageNet, torchvision layout'})."
+    register_model(name)(build)
+
+
+for _depth in _CONFIGS:
+    _register(f"resnet{_depth}", _depth, cifar_stem=False)
+_register("resnet18_cifar", 18, cifar_stem=True)
+_register("resnet50_cifar", 50, cifar_stem=True)

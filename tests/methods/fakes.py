@@ -55,3 +55,21 @@ def run(models, trainable, x):
             with torch.no_grad():
                 outs.append(m(x))
     return outs
+
+
+def random_outputs(channel_lists, b=4, sizes=(8, 4, 2, 1), num_classes=NUM_CLASSES, seed=1, dtype=torch.float64):
+    """ModelOutputs of fixed random leaves (logits [B, K], features [B, C_i, H_i, H_i])."""
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for channels in channel_lists:
+        logits = (2 * torch.randn(b, num_classes, generator=g, dtype=dtype)).requires_grad_()
+        feats = [
+            torch.randn(b, c, s, s, generator=g, dtype=dtype).requires_grad_()
+            for c, s in zip(channels, sizes)
+        ]
+        outs.append(ModelOutput(logits, feats))
+    return outs
+
+
+def leaves(outputs):
+    return [t for o in outputs for t in [o.logits, *o.features]]

@@ -105,6 +105,70 @@ def _cmd_bench_ops(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ kdengine bench data
+
+
+def _cmd_bench_data(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .bench import data as bench_data
+
+    config = bench_data.DataBenchConfig(
+        num_images=args.num_images, workers=args.workers, batch_size=args.batch_size, epochs=args.epochs,
+        write_mode=args.write_mode, root=args.cache_root, output=None if args.no_save else args.output)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn()) as progress:
+            rows = bench_data.run(config, progress)
+    except (ImportError, OSError, ValueError) as exc:
+        print(f"kdengine bench data: error: {exc}", file=sys.stderr)
+        return 1
+    r0 = rows[0]
+    table = Table(title=f"kdengine bench data: RandomResizedCrop {bench_data.RESOLUTION} + flip, "
+                        f"{r0['num_images']} JPEGs ({r0['image_sizes']} px, q{r0['jpeg_quality']}, "
+                        f"{r0['mean_jpeg_kb']} KB), {r0['workers']} workers, batch {r0['batch_size']}, "
+                        f"{r0['cpu_cores']} cores ({r0['device_name']})")
+    for col in ("loader", "implementation", "median img/s", "p20-p80", "min-max", "epoch s", "x baseline"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["loader"], r["implementation"], f"{r['median_img_s']:.0f}",
+                      f"{r['p20_img_s']:.0f}-{r['p80_img_s']:.0f}", f"{r['min_img_s']:.0f}-{r['max_img_s']:.0f}",
+                      f"{r['median_epoch_s']:.2f}", f"{r['speedup_vs_baseline']:.2f}")
+    Console(width=max(140, Console().width)).print(table)
+    print(f"both: {r0['output']} batches on the CPU; {r0['epochs']} timed epochs each after one warm-up; "
+          f"commit {r0['commit']}, torch {r0['torch_version']}, ffcv {r0['ffcv_version']}")
+    if config.output:
+        print(f"appended {len(rows)} rows to {config.output}")
+    return 0
+
+
+def _add_bench_data_parser(bench_sub) -> None:
+    bdata = bench_sub.add_parser(
+        "data", help="FFCV ImageNet pipeline vs PIL + torch DataLoader, images per second",
+        description="Images per second of the FFCV ImageNet training pipeline (RandomResizedCrop 224 + flip, "
+                    "normalised float32 NCHW batches on the CPU) against PIL + torch.utils.data.DataLoader "
+                    "doing the same with the same number of workers, on a generated ImageNet-like set of "
+                    "JPEGs (cached under the kdengine cache dir). One warm-up epoch each, then --epochs "
+                    "timed epochs each, in alternation. Appends one row per loader to "
+                    "benchmarks/results/data.csv.")
+    bdata.add_argument("--num-images", type=int, default=3000, help="JPEGs in the generated set (default: 3000)")
+    bdata.add_argument("--workers", type=int, default=0,
+                       help="worker processes (DataLoader) and threads (FFCV), the same for both "
+                            "(default: 0 = all CPU cores)")
+    bdata.add_argument("--batch-size", type=int, default=64, help="default: 64")
+    bdata.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (default: 5)")
+    bdata.add_argument("--write-mode", choices=["jpg", "proportion", "raw"], default="jpg",
+                       help="how the .beton stores the images: jpg (default: JPEG like the baseline's files), "
+                            "proportion (half raw, ffcv-imagenet's setting), raw")
+    bdata.add_argument("--cache-root", help="where the image set and .beton are kept (default: the kdengine "
+                                            "cache dir, $KDENGINE_CACHE or ~/.cache/kdengine)")
+    bdata.add_argument("--output", default=os.path.join(REPO_RESULTS, "data.csv"), help="CSV to append to")
+    bdata.add_argument("--no-save", action="store_true", help="print only, append nothing")
+    bdata.set_defaults(func=_cmd_bench_data)
+
+
 # ------------------------------------------------------------------------------ kdengine data
 
 
@@ -416,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     bops.add_argument("--output", default=os.path.join(REPO_RESULTS, "ops.csv"), help="CSV to append to")
     bops.add_argument("--no-save", action="store_true", help="print only, append nothing")
     bops.set_defaults(func=_cmd_bench_ops)
+    _add_bench_data_parser(bench_sub)
 
     _add_data_parser(sub)
     _add_train_parsers(sub)

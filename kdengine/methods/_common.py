@@ -34,6 +34,11 @@ def topology(roles: Sequence[str]) -> str:
     return f"{t}T{s}S"
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 if it is a low-precision float (bf16/fp16 under autocast), else unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def add_term(terms: dict, name: str, value: torch.Tensor) -> None:
     terms[name] = terms[name] + value if name in terms else value
 

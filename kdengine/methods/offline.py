@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..losses.kl import kd_kl, soft_probs
-from ._common import DistillMethod, _stage_channels, ce_terms, students_of, teachers_of
+from ._common import DistillMethod, _stage_channels, at_least_fp32, ce_terms, students_of, teachers_of
 
 
 class OfflineMethod(DistillMethod):
@@ -61,10 +61,10 @@ def dkd_parts(z_s: torch.Tensor, z_t: torch.Tensor, target: torch.Tensor, temper
     side is detached. Computed in fp32 with log-sum-exps (no ``log(0)``).
     """
     tau = temperature
-    zs = z_s.float() / tau
-    zt = z_t.detach().float() / tau
+    zs = at_least_fp32(z_s) / tau
+    zt = at_least_fp32(z_t.detach()) / tau
     gt = F.one_hot(target, zs.shape[1]).bool()
-    neg = torch.finfo(torch.float32).min / 4
+    neg = torch.finfo(zs.dtype).min / 4
 
     def binary_log(z):  # log [p_gt, 1 - p_gt]
         lse = torch.logsumexp(z, dim=1, keepdim=True)

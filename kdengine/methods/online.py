@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses.kl import kd_kl, soft_probs
-from ._common import DistillMethod, add_term, ce_terms, students_of, teachers_of
+from ._common import DistillMethod, at_least_fp32, ce_terms, students_of, teachers_of
 
 KDCL_ENSEMBLES = ("minlogit", "mean")
 
@@ -71,7 +71,7 @@ def kdcl_ensemble(logits: Sequence[torch.Tensor], target: torch.Tensor, kind: st
     target class sits at 0, ``z^m - z^m_y``, then take the element-wise minimum over the models.
     ``"mean"``: the plain average of the logits (the naive ensemble).
     """
-    zs = torch.stack([z.detach().float() for z in logits])  # [M, B, C]
+    zs = torch.stack([at_least_fp32(z.detach()) for z in logits])  # [M, B, C]
     if kind == "mean":
         return zs.mean(0)
     if kind != "minlogit":
@@ -116,9 +116,9 @@ def switokd_switch(z_t: torch.Tensor, z_s: torch.Tensor, target: torch.Tensor, t
 
     Returns ``(expert, gap, threshold)``: a 0-d bool tensor and two 0-d floats. No host sync.
     """
-    onehot = F.one_hot(target, z_t.shape[1]).float()
-    p_t = F.softmax(z_t.detach().float() / temperature, dim=1)
-    p_s = F.softmax(z_s.detach().float() / temperature, dim=1)
+    p_t = F.softmax(at_least_fp32(z_t.detach()) / temperature, dim=1)
+    p_s = F.softmax(at_least_fp32(z_s.detach()) / temperature, dim=1)
+    onehot = F.one_hot(target, z_t.shape[1]).to(p_t.dtype)
     d_t = (p_t - onehot).abs().sum(1).mean()
     d_s = (p_s - onehot).abs().sum(1).mean()
     gap = (p_t - p_s).abs().sum(1).mean()

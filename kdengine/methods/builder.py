@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any, Optional, Sequence
 
 import torch.nn as nn
@@ -171,8 +172,9 @@ def build_method(
     base, with_adm = _split(name)
     models = list(models)
     roles = _check_roles(name, base, with_adm, models, roles)
-    if not isinstance(num_classes, int) or num_classes <= 0:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes <= 0:
         raise ValueError(f"{name}: num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int(num_classes)
     resolved = method_options(name, **options)
     adm = None
     if with_adm:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..losses.kl import kd_kl, soft_probs
-from ._common import DistillMethod, _stage_channels, at_least_fp32, ce_terms, students_of, teachers_of
+from ._common import DistillMethod, _stage_channels, at_least_fp32, students_of, teachers_of
 
 
 class OfflineMethod(DistillMethod):

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from kdengine.losses import ADMLoss, DMLLoss
 from kdengine.methods import ADMTerms, build_method, kdcl_ensemble, switokd_switch
@@ -275,3 +274,15 @@ def test_switokd_adm_masks_the_teachers_divergence_loss(side):
     assert moved == bool(learn)
     student_leaves = [outs[1].logits, outs[1].features[-1], *models[1].head.parameters()]
     assert all(g.abs().max() > 0 for g in torch.autograd.grad(out.total, student_leaves))
+
+
+def test_switokd_traces_without_graph_breaks():
+    """No host syncs (.item(), Python branches on tensor values) in the switch: dynamo traces the
+    whole forward as one graph, which is what CUDA-graph capture needs too."""
+    m = build_method("switokd", blanks(2), roles=("teacher", "student"), num_classes=3)
+    compiled = torch.compile(lambda o, y: m(o, y), backend="eager", fullgraph=True)
+    for side, learn in [(1, 0.0), (-1, 1.0)]:  # one trace serves both modes
+        outs = crafted(P_T, student(X_STAR + side * 0.004))
+        out = compiled(outs, Y1)
+        torch.testing.assert_close(out.total, m(outs, Y1).total)
+        assert out.terms["switch/0"].item() == learn and m.step_gates()[0].item() == learn

@@ -32,6 +32,9 @@ def test_every_method_runs_and_total_is_the_sum_of_its_loss_terms(name, roles):
     assert isinstance(method, Method) and method.name == name
     assert method.topology == f"{roles.count('teacher')}T{roles.count('student')}S"
     offline = name.split("+")[0] in OFFLINE
+    # the method owns only its own parameters (connectors, regressors), never the models'
+    model_params = {id(p) for mm in models for p in mm.parameters()}
+    assert not model_params & {id(p) for p in method.parameters()}
     assert method.trainable == tuple(not (offline and r == "teacher") for r in roles)
     x, y = batch()
     method.double().start_epoch(0, 2)

@@ -37,7 +37,7 @@ from ._loading import (
 )
 
 __all__ = ["FIELDS", "IMAGENET_MEAN", "IMAGENET_STD", "ORDERS", "PIPELINES", "FFCVLoader", "KDLoader",
-           "make_loader", "resident_budget", "resident_bytes"]
+           "auto_resident", "make_loader", "resident_budget", "resident_bytes"]
 
 GiB = 1 << 30
 CPU_RESIDENT_BUDGET = 2 * GiB
@@ -94,13 +94,18 @@ def make_loader(
     info = beton_info(path)
     check_fields(info, config)
     if device_resident == "auto":
-        device_resident = (not config.is_imagenet and info.constant_size is not None
-                           and resident_bytes(info, config.fields) <= resident_budget(config.device))
+        device_resident = auto_resident(info, config)
     if device_resident:
         from .device_loader import DeviceLoader
 
         return DeviceLoader._from_beton(info, config)
     return FFCVLoader(info, config)
+
+
+def auto_resident(info: BetonInfo, config: LoaderConfig) -> bool:
+    """The "auto" rule: ``cifar_*`` pipelines whose decoded set fits :func:`resident_budget`."""
+    return (not config.is_imagenet and info.constant_size is not None
+            and resident_bytes(info, config.fields) <= resident_budget(config.device))
 
 
 def resident_bytes(info: BetonInfo, fields: Sequence[str] = ("image", "label")) -> int:

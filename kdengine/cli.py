@@ -130,15 +130,18 @@ def _cmd_bench_data(args) -> int:
                         f"{r0['num_images']} JPEGs ({r0['image_sizes']} px, q{r0['jpeg_quality']}, "
                         f"{r0['mean_jpeg_kb']} KB), {r0['workers']} workers, batch {r0['batch_size']}, "
                         f"{r0['cpu_cores']} cores ({r0['device_name']})")
-    for col in ("loader", "implementation", "median img/s", "p20-p80", "min-max", "epoch s", "x baseline"):
+    for col in ("loader", "implementation", "median img/s", "p20-p80", "min-max", "epoch s", "x baseline",
+                "CPU ms/img", "x CPU eff."):
         table.add_column(col)
     for r in rows:
         table.add_row(r["loader"], r["implementation"], f"{r['median_img_s']:.0f}",
                       f"{r['p20_img_s']:.0f}-{r['p80_img_s']:.0f}", f"{r['min_img_s']:.0f}-{r['max_img_s']:.0f}",
-                      f"{r['median_epoch_s']:.2f}", f"{r['speedup_vs_baseline']:.2f}")
+                      f"{r['median_epoch_s']:.2f}", f"{r['speedup_vs_baseline']:.2f}", f"{r['cpu_ms_per_img']:.2f}",
+                      f"{r['cpu_efficiency_vs_baseline']:.2f}")
     Console(width=max(140, Console().width)).print(table)
     print(f"both: {r0['output']} batches on the CPU; {r0['epochs']} timed epochs each after one warm-up; "
-          f"commit {r0['commit']}, torch {r0['torch_version']}, ffcv {r0['ffcv_version']}")
+          f"commit {r0['commit']}, torch {r0['torch_version']}, ffcv {r0['ffcv_version']}; load average "
+          f"{r0['loadavg_1m_start']} -> {r0['loadavg_1m_end']} on {r0['cpu_cores']} cores")
     if config.output:
         print(f"appended {len(rows)} rows to {config.output}")
     return 0

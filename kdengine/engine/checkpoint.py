@@ -1,0 +1,91 @@
+"""Atomic checkpoints: a file at the checkpoint path is always complete.
+
+A checkpoint holds everything a run needs to continue exactly: models, the method's own
+parameters and buffers, optimizer and scheduler states, RNG states, the position (epoch and the
+step within it), the metrics history and the resolved configuration.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+LAST = "checkpoint.pt"
+
+
+def save_atomic(obj: Any, path: os.PathLike | str) -> Path:
+    """``torch.save`` to a temporary file next to ``path``, fsync, then rename over it: an
+    interruption leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load(path: os.PathLike | str, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"checkpoint {path} could not be read: {exc}") from exc
+
+
+def find_last(run_dir: os.PathLike | str) -> Optional[Path]:
+    path = Path(run_dir) / LAST
+    return path if path.is_file() else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_state_dict(checkpoint: dict, index: int) -> dict:
+    """Model ``index``'s weights from a kdengine checkpoint."""
+    models = checkpoint["models"]
+    if not 0 <= index < len(models):
+        raise ValueError(f"the checkpoint holds {len(models)} models; index {index} is out of range")
+    return models[index]
+
+
+def load_pretrained(model: torch.nn.Module, path: str, index: Optional[int], default_index: int) -> None:
+    """Weights for ``model`` from a kdengine checkpoint (model ``index``, default
+    ``default_index`` when the checkpoint has that many models, else its first) or from a plain
+    state dict (e.g. torchvision's); strict, so a wrong architecture is an error naming keys."""
+    obj = load(path)
+    if isinstance(obj, dict) and "models" in obj and "config" in obj:
+        n = len(obj["models"])
+        state = model_state_dict(obj, index if index is not None else (default_index if default_index < n else 0))
+    elif isinstance(obj, dict) and "state_dict" in obj:
+        state = obj["state_dict"]
+    else:
+        state = obj
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {path} do not fit {type(model).__name__}: {exc}") from None

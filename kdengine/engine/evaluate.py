@@ -1,0 +1,87 @@
+"""Evaluation of M models and their ensemble, and of a saved checkpoint (`kdengine eval`)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distributed import DistContext
+from .metrics import topk_correct
+
+
+@torch.no_grad()
+def evaluate_models(models: Sequence[nn.Module], tags: Sequence[str], loader, device: torch.device,
+                    autocast: Callable = nullcontext, dist: DistContext = DistContext()) -> dict[str, float]:
+    """``{tag}/top1``, ``{tag}/top5`` (percent) and ``{tag}/loss`` (mean cross-entropy) for every
+    model and for ``ensemble``, the mean of the models' predicted probabilities; summed over all
+    ranks. Leaves the models in eval mode."""
+    for model in models:
+        model.eval()
+    names = list(tags) + ["ensemble"]
+    sums = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # top1, top5, loss
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    loader.set_epoch(0)
+    for batch in loader:
+        images, labels = batch[0], batch[1]
+        with autocast():
+            logits = [m(images).logits.float() for m in models]
+        probs = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(0)
+        scores = logits + [probs]
+        for i, z in enumerate(scores):
+            t1, t5 = topk_correct(z, labels)
+            sums[i, 0] += t1
+            sums[i, 1] += t5
+        for i, z in enumerate(logits):
+            sums[i, 2] += F.cross_entropy(z, labels, reduction="sum")
+        sums[-1, 2] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+        count += labels.shape[0]
+    dist.all_reduce_sum(sums)
+    dist.all_reduce_sum(count)
+    values = (sums / count.clamp_min(1)).tolist()
+    result = {}
+    for name, (top1, top5, loss) in zip(names, values):
+        result.update({f"{name}/top1": 100 * top1, f"{name}/top5": 100 * top5, f"{name}/loss": loss})
+    return result
+
+
+def evaluate_checkpoint(path, overrides: Sequence[str] = (), progress: bool = False) -> dict:
+    """Rebuild the models and the validation loader of the run that saved ``path`` (its stored
+    configuration, then ``overrides``), load the weights and evaluate. Returns ``{"metrics",
+    "tags", "names", "epoch", "config"}``."""
+    from omegaconf import OmegaConf
+
+    from ..models import create_model
+    from . import checkpoint as ckpt
+    from .config import ExperimentConfig, apply_overrides, num_classes_of, validate
+    from .data import build_loaders
+    from .trainer import _resolve_device, model_tags
+
+    state = ckpt.load(path)
+    if "config" not in state or "models" not in state:
+        raise ValueError(f"{path} is not a kdengine training checkpoint (no config/models in it)")
+    cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(state["config"]))
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    device = _resolve_device(cfg.train.device, 0)
+    is_cuda = device.type == "cuda"
+    autocast_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and is_cuda)) else None
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else is_cuda
+    _, val_loader = build_loaders(cfg, device, DistContext(), dtype=autocast_dtype or torch.float32,
+                                  channels_last=channels_last)
+    models = []
+    for i, spec in enumerate(cfg.models):
+        model = create_model(spec.name, num_classes=num_classes_of(cfg), **dict(spec.kwargs))
+        model.load_state_dict(ckpt.model_state_dict(state, i))
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        models.append(model.to(device, memory_format=fmt))
+    tags = model_tags(cfg)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+    metrics = evaluate_models(models, tags, val_loader, device, autocast)
+    return {"metrics": metrics, "tags": tags, "names": [m.name for m in cfg.models],
+            "roles": [m.role for m in cfg.models], "epoch": state["epoch"], "config": cfg}

@@ -1,0 +1,492 @@
+"""The training engine: one joint step for M models under a distillation method.
+
+``Trainer(cfg).fit()`` trains, evaluates every model and their ensemble each epoch, writes
+metrics and atomic checkpoints into the run directory, and can continue a stopped run exactly
+(``train.resume=auto``). The CLI (`kdengine train`) only parses and prints around it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from .. import __version__
+from ..methods import build_method
+from ..models import create_model
+from . import checkpoint as ckpt
+from .config import ExperimentConfig, num_classes_of, to_yaml, validate
+from .cuda_graph import CapturedStep
+from .data import build_loaders
+from .distributed import DistContext
+from .evaluate import evaluate_models
+from .metrics import DeviceMeter, RunLog, topk_correct
+from .schedule import lr_lambda
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; the run stopped and kept its last good checkpoint."""
+
+
+def _as_config(cfg) -> DictConfig:
+    if cfg is None:
+        cfg = OmegaConf.structured(ExperimentConfig)
+    elif isinstance(cfg, ExperimentConfig):
+        cfg = OmegaConf.structured(cfg)
+    elif not isinstance(cfg, DictConfig):
+        raise TypeError(f"cfg must be an ExperimentConfig or an OmegaConf DictConfig, got {type(cfg).__name__}")
+    validate(cfg)
+    return cfg
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={name} but this torch build sees no CUDA device")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_tags(cfg: DictConfig) -> list[str]:
+    """``teacher``, ``student`` — or ``student1``, ``student2`` when a role repeats."""
+    roles = [m.role for m in cfg.models]
+    tags, seen = [], {}
+    for role in roles:
+        seen[role] = seen.get(role, 0) + 1
+        tags.append(f"{role}{seen[role]}" if roles.count(role) > 1 else role)
+    return tags
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    models = "-".join(m.name for m in cfg.models)
+    return f"{cfg.method.name.replace('+', '-')}_{models}_seed{cfg.train.seed}"
+
+
+class Trainer:
+    """Trains ``cfg.models`` jointly with ``cfg.method``; see ``kdengine.engine.config``.
+
+    ``fit()`` returns a summary dict: ``status`` (``"completed"``, ``"max_steps"``,
+    ``"interrupted"``), ``run_dir``, ``epoch``, ``global_step``, ``last`` (the last evaluation) and
+    ``best`` (each model's best top-1). A non-finite loss raises ``NonFiniteLossError``.
+    """
+
+    def __init__(self, cfg=None, *, progress: bool = True, console=None):
+        self.cfg = _as_config(cfg)
+        cfg = self.cfg
+        t = cfg.train
+        self.show_progress = progress
+        self.console = console
+        device_type = "cuda" if (t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
+        self.dist = DistContext.from_env(device_type)
+        self.device = _resolve_device(t.device, self.dist.local_rank)
+        self.is_cuda = self.device.type == "cuda"
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.deterministic and not self.is_cuda:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.autocast_dtype = None
+        if t.precision == "bf16" or (t.precision == "auto" and self.is_cuda):
+            self.autocast_dtype = torch.bfloat16
+        self.channels_last = t.channels_last if t.channels_last is not None else self.is_cuda
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        seed_everything(t.seed)
+        self.num_classes = num_classes_of(cfg)
+        self.tags = model_tags(cfg)
+        self.roles = tuple(m.role for m in cfg.models)
+
+        self.train_loader, self.val_loader = build_loaders(
+            cfg, self.device, self.dist, dtype=self.autocast_dtype or torch.float32,
+            channels_last=self.channels_last,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set has {self.train_loader.num_samples} samples per process, fewer than "
+                f"data.batch_size={cfg.data.batch_size}: no full batch to train on"
+            )
+
+        seed_everything(t.seed)  # the models' initialisation does not depend on the data set-up
+        self.models = nn.ModuleList()
+        for i, spec in enumerate(cfg.models):
+            model = create_model(spec.name, num_classes=self.num_classes, **dict(spec.kwargs))
+            if spec.checkpoint:
+                ckpt.load_pretrained(model, spec.checkpoint, spec.checkpoint_model, default_index=i)
+            self.models.append(model.to(self.device, memory_format=self.memory_format))
+        self.method = build_method(
+            cfg.method.name, list(self.models), roles=self.roles, num_classes=self.num_classes,
+            num_samples=self.train_loader.dataset_size, **OmegaConf.to_container(cfg.method.options),
+        ).to(self.device)
+        self.trainable = tuple(self.method.trainable)
+        for i, (spec, trainable) in enumerate(zip(cfg.models, self.trainable)):
+            if not trainable:
+                if not spec.checkpoint:
+                    raise ValueError(
+                        f"method {cfg.method.name} keeps models.{i} ({spec.name}, {spec.role}) frozen: give "
+                        f"models.{i}.checkpoint (train one with `kdengine train method.name=vanilla`)"
+                    )
+                self.models[i].requires_grad_(False)
+        self.forward_models = [self._wrap_ddp(m) if tr else m for m, tr in zip(self.models, self.trainable)]
+
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.optim, self.steps_per_epoch, t.epochs)
+        )
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best: dict[str, float] = {}
+        self.meter = DeviceMeter(self.device)
+        self._captured: Optional[CapturedStep] = None
+        self._stop_requested = False
+
+        self.run_dir = self._resolve_run_dir()
+        self.log = RunLog(self.run_dir, tensorboard=t.tensorboard, enabled=self.dist.is_main)
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    # ------------------------------------------------------------------ set-up
+
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return model
+        ids = [self.device.index] if self.is_cuda else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = []
+        for spec, model, trainable in zip(self.cfg.models, self.models, self.trainable):
+            if trainable:
+                groups.append({"params": list(model.parameters()), "lr": spec.lr or o.lr})
+        method_params = [p for p in self.method.parameters() if p.requires_grad]
+        if method_params:
+            groups.append({"params": method_params, "lr": o.lr})
+        if not groups:
+            raise ValueError(f"method {self.cfg.method.name} trains none of the models")
+        # On CUDA the learning rate lives in a device tensor so a captured step sees the schedule.
+        if self.is_cuda:
+            for g in groups:
+                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay, fused=self.is_cuda or None,
+                               foreach=None if self.is_cuda else True)
+
+    def _resolve_run_dir(self) -> Path:
+        t = self.cfg.train
+        base = Path(t.output_dir)
+        name = t.run_name or default_run_name(self.cfg)
+        run_dir = base / name
+        self.resume_from: Optional[Path] = None
+        if t.resume == "auto":
+            self.resume_from = ckpt.find_last(run_dir)
+            return run_dir
+        if t.resume:
+            self.resume_from = Path(t.resume)
+            if not self.resume_from.is_file():
+                raise FileNotFoundError(f"train.resume={t.resume}: no such checkpoint")
+            return self.resume_from.parent
+        if t.run_name is None and run_dir.exists():
+            n = 2  # a fresh run never overwrites an earlier one
+            while (base / f"{name}-{n}").exists():
+                n += 1
+            run_dir = base / f"{name}-{n}"
+        elif run_dir.exists() and ckpt.find_last(run_dir):
+            raise FileExistsError(
+                f"run directory {run_dir} already holds a checkpoint; continue it with --resume auto "
+                f"or choose another train.run_name"
+            )
+        return run_dir
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "kdengine_version": __version__,
+            "config": OmegaConf.to_container(self.cfg),
+            "tags": self.tags,
+            "models": [m.state_dict() for m in self.models],
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best": dict(self.best),
+            "meter": {"sums": {k: v.cpu() for k, v in self.meter.sums.items()}, "count": self.meter.count.cpu()},
+        }
+
+    def save_checkpoint(self) -> Optional[Path]:
+        if not self.dist.is_main:
+            return None
+        return ckpt.save_atomic(self.state_dict(), self.run_dir / ckpt.LAST)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = ckpt.load(path, map_location=self.device)
+        if len(state["models"]) != len(self.models):
+            raise ValueError(f"checkpoint {path} holds {len(state['models'])} models, this run has {len(self.models)}")
+        for model, weights in zip(self.models, state["models"]):
+            model.load_state_dict(weights)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best = state["global_step"], dict(state["best"])
+        self.meter.sums = {k: v.to(self.device) for k, v in state["meter"]["sums"].items()}
+        self.meter.count = state["meter"]["count"].to(self.device)
+        self.log.truncate_after(self.epoch)
+
+    # ------------------------------------------------------------------ the step
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward(self, images, labels, indices):
+        outputs = []
+        for model, trainable in zip(self.forward_models, self.trainable):
+            if trainable:
+                outputs.append(model(images))
+            else:
+                with torch.no_grad():
+                    outputs.append(model(images))
+        return outputs, self.method(outputs, labels, indices)
+
+    def _step(self, images, labels, indices) -> dict[str, torch.Tensor]:
+        """Forward, losses, backward and the SGD step; returns on-device metrics (no host sync)."""
+        with self._autocast():
+            outputs, losses = self._forward(images, labels, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        self.dist.average_gradients([p for p in self.method.parameters() if p.requires_grad])
+        self._optimizer_step(self.method.step_gates())
+        metrics = {"loss": losses.total.detach().float()}
+        metrics.update({k: v.detach().float() for k, v in losses.terms.items()})
+        for tag, out in zip(self.tags, outputs):
+            metrics[f"{tag}/top1"] = topk_correct(out.logits.detach(), labels, ks=(1,))[0].float() / labels.shape[0]
+        return metrics
+
+    def _optimizer_step(self, gates: Optional[torch.Tensor]) -> None:
+        """The SGD step; where the method gates a model off this iteration (``gates[m] == 0``,
+        e.g. SwitOKD's paused teacher) its parameters and momentum are put back, on the device."""
+        if gates is None:
+            self.optimizer.step()
+            return
+        gated = [p for i, m in enumerate(self.models) if self.trainable[i] for p in m.parameters()]
+        owner = [i for i, m in enumerate(self.models) if self.trainable[i] for _ in m.parameters()]
+        before = [p.detach().clone() for p in gated]
+        momenta = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in gated]
+        momenta = [None if b is None else b.clone() for b in momenta]
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, old, old_m, i in zip(gated, before, momenta, owner):
+                keep = 1.0 - gates[i].to(p.dtype)  # 1: undo this model's step
+                p.lerp_(old, keep)
+                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.lerp_(old_m if old_m is not None else torch.zeros_like(buf), keep)
+
+    def train_step(self, images, labels, indices=None) -> dict[str, torch.Tensor]:
+        if self._use_cuda_graph():
+            if self._captured is None:
+                self._captured = CapturedStep(self._step, warmup=3)
+            return self._captured(images, labels, indices)
+        return self._step(images, labels, indices)
+
+    def _use_cuda_graph(self) -> bool:
+        return self.is_cuda and self.cfg.train.cuda_graph and not self.dist.enabled
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, loader=None) -> dict[str, float]:
+        """Top-1, top-5 and mean loss of every model and of their ensemble on the validation set."""
+        result = evaluate_models(self.models, self.tags, loader or self.val_loader, self.device,
+                                 self._autocast, self.dist)
+        for model, trainable in zip(self.models, self.trainable):
+            model.train(trainable)
+        return result
+
+    # ------------------------------------------------------------------ the loop
+
+    def _install_sigint(self):
+        """First Ctrl-C: finish the current step, save, stop. Second: stop at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self._say("[yellow]Ctrl-C: saving a checkpoint after this step (again to abort)[/]")
+
+        signal.signal(signal.SIGINT, handler)
+        return previous
+
+    def request_stop(self) -> None:
+        """Stop after the current step with a checkpoint, as Ctrl-C does."""
+        self._stop_requested = True
+
+    def _say(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
+        if self.console is not None:
+            self.console.print(text)
+        else:
+            print(text)
+
+    def _check_finite(self, values: dict[str, float]) -> None:
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            where = f"epoch {self.epoch}, step {self.global_step}"
+            last = self.run_dir / ckpt.LAST
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
+            raise NonFiniteLossError(
+                f"non-finite training loss at {where} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+                f"stopped; {kept}. Lower optim.lr or check the data."
+            )
+
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        previous_handler = self._install_sigint()
+        status = "completed"
+        progress = self._progress()
+        try:
+            with progress:
+                task = progress.add_task("train", total=t.epochs * self.steps_per_epoch,
+                                         completed=self.global_step, info="") if progress else None
+                while self.epoch < t.epochs:
+                    status = self._train_epoch(progress, task)
+                    if status != "epoch_done":
+                        break
+                    status = "completed"
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            self.log.close()
+        last = [r for r in self.log.records() if r.get("split") == "val"] if self.dist.is_main else []
+        return {"status": status, "run_dir": str(self.run_dir), "epoch": self.epoch,
+                "global_step": self.global_step, "last": last[-1] if last else {}, "best": dict(self.best)}
+
+    def _progress(self):
+        if not (self.show_progress and self.dist.is_main):
+            return _NoProgress()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                        console=self.console, transient=False)
+
+    def _train_epoch(self, progress, task) -> str:
+        t = self.cfg.train
+        epoch = self.epoch
+        self.method.start_epoch(epoch, t.epochs)
+        for model, trainable in zip(self.models, self.trainable):
+            model.train(trainable)
+        self.train_loader.set_epoch(epoch, start_batch=self.step_in_epoch)
+        if progress:
+            progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}")
+        window_start, window_images = time.perf_counter(), 0
+        for batch in self.train_loader:
+            images, labels = batch[0], batch[1]
+            indices = batch[2] if len(batch) > 2 else None
+            metrics = self.train_step(images, labels, indices)
+            self.meter.add(metrics)
+            self.scheduler.step()
+            self.step_in_epoch += 1
+            self.global_step += 1
+            window_images += labels.shape[0] * self.dist.world_size
+            if self.global_step % t.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                running = self.meter.read()
+                self._check_finite({k: v for k, v in running.items() if not k.endswith("/top1")})
+                rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                window_start, window_images = time.perf_counter(), 0
+                if progress:
+                    info = f"{rate:,.0f} img/s  loss {running.get('loss', float('nan')):.3f}  " + "  ".join(
+                        f"{k} {v:.3f}" for k, v in running.items() if k != "loss" and "/top1" not in k)
+                    progress.update(task, completed=self.global_step, info=info)
+            if t.checkpoint_every and self.global_step % t.checkpoint_every == 0:
+                self._check_finite(self.meter.read())  # never overwrite a good checkpoint with NaNs
+                self.save_checkpoint()
+            if t.max_steps and self.global_step >= t.max_steps:
+                self._check_finite(self.meter.read())
+                self.save_checkpoint()
+                return "max_steps"
+            if self._stop_requested:
+                self._check_finite(self.meter.read())
+                self.save_checkpoint()
+                self._say(f"stopped at epoch {epoch}, step {self.global_step}; continue with --resume auto "
+                          f"(run directory {self.run_dir})")
+                return "interrupted"
+        train_metrics = self.meter.read()
+        self._check_finite(train_metrics)
+        self.meter.reset()
+        self.method.end_epoch(epoch)
+        # BatchNorm statistics of the models and of the method's connectors; the method's other
+        # buffers (e.g. ADM's per-sample predictions of this rank's shard) stay per rank.
+        norms = [m for m in self.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.dist.broadcast_buffers(list(self.models) + norms)
+        val = self.evaluate()
+        for tag in self.tags + ["ensemble"]:
+            self.best[tag] = max(self.best.get(tag, float("-inf")), val[f"{tag}/top1"])
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.write({"epoch": epoch, "split": "train", "step": self.global_step, "lr": float(lr),
+                        **{k: (100 * v if k.endswith("/top1") else v) for k, v in train_metrics.items()}},
+                       step=self.global_step)
+        self.log.write({"epoch": epoch, "split": "val", "step": self.global_step, **val}, step=self.global_step)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.save_checkpoint()
+        if self.dist.is_main:
+            from ..viz.curves import plot_curves
+
+            plot_curves(self.log.records(), self.run_dir / "curves.png")
+        if progress:
+            summary = "  ".join(f"{tag} {val[f'{tag}/top1']:.2f}" for tag in self.tags + ["ensemble"])
+            progress.console.print(f"epoch {epoch + 1}/{t.epochs}  val top-1: {summary}")
+        return "epoch_done"
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __bool__(self):
+        return False
+
+    def add_task(self, *a, **k):
+        return None
+
+    def update(self, *a, **k):
+        pass

@@ -276,30 +276,27 @@ class KDLoader:
 
 
 class Normalizer:
-    """uint8 NHWC images -> normalised float NCHW on the device, in the model's dtype.
-
-    A permuted NHWC tensor already has channels_last strides, so channels_last output needs no
-    copy before the conversion; otherwise the uint8 tensor (a quarter of the bytes) is made
-    contiguous first."""
+    """uint8 NHWC images -> normalised float NCHW on the device, in the model's dtype:
+    ``x * (1/std) - mean/std``. (A permuted NHWC tensor already has channels_last strides.)"""
 
     def __init__(self, config: LoaderConfig):
         shape = (1, 3, 1, 1)
-        self.dtype, self.channels_last = config.dtype, config.channels_last
-        self.mean = torch.tensor(config.mean, dtype=config.dtype, device=config.device).view(shape)
-        self.inv_std = torch.tensor([1 / s for s in config.std], dtype=config.dtype,
-                                    device=config.device).view(shape)
+        self.dtype = config.dtype
+        self.format = torch.channels_last if config.channels_last else torch.contiguous_format
+        inv_std = [1 / s for s in config.std]
+        self.inv_std = torch.tensor(inv_std, dtype=config.dtype, device=config.device).view(shape)
+        self.bias = torch.tensor([-m * i for m, i in zip(config.mean, inv_std)], dtype=config.dtype,
+                                 device=config.device).view(shape)
 
     def nhwc(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2)
-        if not self.channels_last:
-            x = x.contiguous()
-        return x.to(self.dtype).sub_(self.mean).mul_(self.inv_std)
+        # one pass converts and lays out, one fused multiply-add normalises in place
+        x = images.permute(0, 3, 1, 2).to(self.dtype, memory_format=self.format)
+        return torch.addcmul(self.bias, x, self.inv_std, out=x)
 
     def nchw_float(self, images: torch.Tensor) -> torch.Tensor:
         """Already float NCHW in 0..255 (after a resampling crop)."""
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = images.to(self.dtype).contiguous(memory_format=fmt)
-        return x.sub_(self.mean).mul_(self.inv_std)
+        x = images.to(self.dtype, memory_format=self.format, copy=True)
+        return torch.addcmul(self.bias, x, self.inv_std, out=x)
 
 
 def center_crop_box(height: int, width: int, ratio: float = VAL_CROP_RATIO) -> tuple[int, int, int]:

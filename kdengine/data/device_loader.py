@@ -37,11 +37,24 @@ class DeviceLoader(KDLoader):
                  indices: torch.Tensor, config: LoaderConfig):
         dev = config.device
         self.config = config
-        self.images = images.to(dev).contiguous()  # uint8 [N, H, W, 3]
+        n, h, w = images.shape[:3]
+        # Pixels in one flat table, RGB plus a spare byte packed as int32 (a 1-D int32 gather is
+        # several times faster than gathering 3-byte rows), with one extra entry after the set: the
+        # fill colour (0 for masks), which a translation's out-of-image pixels point at, so a whole
+        # batch's crop and flip is one index_select.
+        rgba = torch.zeros((n * h * w + 1, 4), dtype=torch.uint8, device=dev)
+        rgba[:-1, :3].copy_(images.reshape(-1, 3))
+        rgba[-1, :3] = torch.tensor([round(m) for m in config.mean], dtype=torch.uint8)
+        self._pixels = rgba.view(torch.int32).view(-1)
+        self.images = rgba[:-1, :3].view(n, h, w, 3)  # uint8 [N, H, W, 3] (a view)
+        self.masks = self._mask_pixels = None
+        if masks is not None:
+            self._mask_pixels = torch.zeros(n * h * w + 1, dtype=torch.uint8, device=dev)
+            self._mask_pixels[:-1].copy_(masks.reshape(-1))
+            self.masks = self._mask_pixels[:-1].view(n, h, w)
         self.labels = labels.to(dev, torch.int64)
-        self.masks = None if masks is None else masks.to(dev, torch.uint8).contiguous()
         self.indices = indices.to(dev, torch.int64)
-        self.dataset_size, h, w = self.images.shape[:3]
+        self.dataset_size = n
         self._image_size = (h, w)
         if config.pipeline == "cifar_train" and config.padding_mode == "reflect" and config.crop_padding >= min(h, w):
             raise ValueError(f"crop_padding={config.crop_padding} must be smaller than the images "
@@ -49,7 +62,6 @@ class DeviceLoader(KDLoader):
         self._shard_size = len(shard(np.arange(self.dataset_size), config.rank, config.world_size,
                                      config.drop_last))
         self._normalize = Normalizer(config)
-        self._fill = torch.tensor([round(m) for m in config.mean], dtype=torch.uint8, device=dev)
         self._init_epochs()
 
     # ------------------------------------------------------------------ constructors
@@ -91,6 +103,10 @@ class DeviceLoader(KDLoader):
         from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
 
+        if info.constant_size is None:
+            (h0, h1), (w0, w1) = info.image_sizes
+            raise ValueError(f"device_resident=True needs images of one size; {str(info.path)!r} has heights "
+                             f"{h0}..{h1} and widths {w0}..{w1}")
         wanted = {"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]}
         if "mask" in config.fields:
             wanted["mask"] = [NDArrayDecoder()]
@@ -133,8 +149,10 @@ class DeviceLoader(KDLoader):
         want_img, want_mask = "image" in c.fields, "mask" in c.fields
         images = masks = None
         if c.pipeline == "cifar_val":
-            images = self._normalize.nhwc(self.images[sel]) if want_img else None
-            masks = self.masks[sel] if want_mask else None
+            hw = self._image_size[0] * self._image_size[1]
+            itype = torch.int32 if len(self._pixels) < 2**31 else torch.int64
+            at = ((sel * hw)[:, None].to(itype) + torch.arange(hw, dtype=itype, device=sel.device)).view(-1)
+            images, masks = self._gather(at, len(sel), want_img, want_mask)
         elif c.pipeline == "cifar_train":
             images, masks = self._translate_flip(sel, g, want_img, want_mask)
         elif c.pipeline == "imagenet_train":
@@ -154,37 +172,43 @@ class DeviceLoader(KDLoader):
                      for f in c.fields)
 
     def _translate_flip(self, sel, g, want_img, want_mask):
-        """Pad-and-crop (a random shift of up to ``crop_padding`` pixels each way) and flip, as one
-        gather per batch: each output pixel's source row and column, the border read by
-        reflection or replaced by the fill colour (0 for masks)."""
+        """Pad-and-crop (a random shift of up to ``crop_padding`` pixels each way) and flip as one
+        ``index_select`` per batch: each output pixel's row in the flat pixel table, the border
+        read by reflection or pointed at the fill row."""
         c, dev = self.config, self.config.device
         b = len(sel)
         h, w = self._image_size
         p = c.crop_padding
         flip = (torch.rand(b, generator=g) < 0.5).to(dev)
         dy, dx = (torch.randint(-p, p + 1, (2, b), generator=g) if p else torch.zeros(2, b, dtype=torch.int64)).to(dev)
-        ar_h = torch.arange(h, device=dev)
-        ar_w = torch.arange(w, device=dev)
-        rows = ar_h[None] + dy[:, None]  # [B, H]
-        cols = torch.where(flip[:, None], (w - 1 - ar_w)[None], ar_w[None]) + dx[:, None]  # [B, W]
-        valid = None
+        rows = torch.arange(h, device=dev)[None] + dy[:, None]  # [B, H] source rows
+        ar_w = torch.arange(w, device=dev)[None]
+        cols = torch.where(flip[:, None], w - 1 - ar_w, ar_w) + dx[:, None]  # [B, W] source columns
+        fill_row = self.dataset_size * h * w
         if c.padding_mode == "reflect":
             rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
             cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
-        elif p:
-            valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-            rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
-        at = (sel[:, None, None], rows[:, :, None], cols[:, None, :])
+            rows = rows * w
+        else:  # outside the image: an offset past the table, clamped onto the fill row below
+            rows = torch.where((rows >= 0) & (rows < h), rows * w, fill_row + 1)
+            cols = torch.where((cols >= 0) & (cols < w), cols, fill_row + 1)
+        # int32 positions while the table allows: half the bytes of the widest per-batch tensor
+        itype = torch.int32 if fill_row < 2**31 - 2 else torch.int64
+        base = (sel * (h * w))[:, None, None].to(itype) + rows[:, :, None].to(itype)  # [B, H, 1]
+        at = (base + cols[:, None, :].to(itype)).view(-1)
+        if c.padding_mode == "fill":
+            at = at.clamp_(max=fill_row)
+        return self._gather(at, b, want_img, want_mask)
+
+    def _gather(self, at: torch.Tensor, b: int, want_img: bool, want_mask: bool):
+        """Normalised images and masks of the pixels at flat positions ``at`` ([B*H*W])."""
+        h, w = self._image_size
         images = masks = None
         if want_img:
-            x = self.images[at]  # [B, H, W, 3]
-            if valid is not None:
-                x = torch.where(valid[..., None], x, self._fill)
-            images = self._normalize.nhwc(x)
+            rgba = self._pixels.index_select(0, at).view(torch.uint8).view(b, h, w, 4)
+            images = self._normalize.nhwc(rgba[..., :3])
         if want_mask:
-            masks = self.masks[at]
-            if valid is not None:
-                masks = masks * valid
+            masks = self._mask_pixels.index_select(0, at).view(b, h, w)
         return images, masks
 
     def _random_resized_crop(self, sel, g, res, want_img, want_mask):

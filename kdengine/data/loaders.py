@@ -17,9 +17,9 @@ Then, on ``device`` (``ToDevice(non_blocking=True)`` on CUDA): NCHW, channels_la
 asked, ``(x - mean) / std`` in ``dtype``.
 
 ``device_resident="auto"`` picks the device loader for ``cifar_*`` pipelines when the decoded set
-(``N*H*W*3`` bytes, plus ``N*H*W`` with masks, plus 16 bytes a sample for labels and indices)
-fits :func:`resident_budget`: 2 GiB on the CPU, a quarter of the free memory of a CUDA device. It
-holds the set as uint8 and runs crop and flip batched on the device (far faster than FFCV's
+fits :func:`resident_budget`: 2 GiB on the CPU, a quarter of the free memory of a CUDA device
+(:func:`resident_bytes`: 4 bytes a pixel, 1 more with masks, 16 a sample). It holds the set as
+uint8 and runs crop and flip batched on the device (far faster than FFCV's
 per-image CPU work on 32-pixel images); ``imagenet_*`` pipelines stay with FFCV under "auto".
 """
 from __future__ import annotations
@@ -73,8 +73,9 @@ def make_loader(
 
     ``num_workers``: FFCV's threads (default: all cores). ``channels_last``: None means True on
     CUDA. ``order``: ``"random"`` (a permutation per epoch from ``seed``), ``"quasi_random"``
-    (FFCV's page-local shuffle, for sets larger than the page cache; the device loader treats it as
-    random) or ``"sequential"``; None means sequential for ``*_val`` and random otherwise.
+    (FFCV's page-local shuffle, for sets larger than the page cache, mostly with ``os_cache=False``;
+    distributed too: every rank computes the same order and takes its shard; the device loader
+    treats it as random) or ``"sequential"``; None means sequential for ``*_val`` and random otherwise.
     ``drop_last``: None means True for train pipelines. ``distributed``: shard each epoch over the
     ranks of the ``torch.distributed`` group (or the explicit ``rank`` / ``world_size``): disjoint
     shards covering the epoch (see :func:`._loading.shard`). ``os_cache``: FFCV reads through the
@@ -109,10 +110,11 @@ def auto_resident(info: BetonInfo, config: LoaderConfig) -> bool:
 
 
 def resident_bytes(info: BetonInfo, fields: Sequence[str] = ("image", "label")) -> int:
-    """Bytes the device loader holds for this file (images, masks if asked, labels, indices)."""
+    """Bytes the device loader holds for this file: images (4 bytes a pixel: RGB and a spare byte,
+    for fast gathers), masks if asked (1 byte a pixel), labels and indices (8 bytes each)."""
     h, w = info.constant_size or (0, 0)
     n = info.num_samples
-    return n * h * w * (3 + ("mask" in fields)) + 16 * n
+    return n * h * w * (4 + ("mask" in fields)) + 16 * n
 
 
 def resident_budget(device: Union[str, torch.device]) -> int:
@@ -202,8 +204,6 @@ class FFCVLoader(KDLoader):
         if config.padding_mode != "fill":
             raise ValueError(f"padding_mode={config.padding_mode!r} is only available on the device-resident "
                              "loader (device_resident=True); FFCV translates with a fill colour ('fill')")
-        if config.distributed and config.order == "quasi_random" and config.os_cache:
-            pass  # allowed: every rank computes the same global quasi-random order and takes its shard
         self.config, self.info = config, info
         self.dataset_size = info.num_samples
         self._image_size = info.constant_size

@@ -255,8 +255,8 @@ def test_auto_residency(beton, monkeypatch):
     assert isinstance(load(beton, pipeline="cifar_train"), DeviceLoader)
     info = beton_info(beton)
     config = lambda pipeline, fields=("image", "label"): LoaderConfig(pipeline, 16, fields=fields)  # noqa: E731
-    assert resident_bytes(info) == N * (32 * 32 * 3 + 16)
-    assert resident_bytes(info, ALL) == N * (32 * 32 * 4 + 16)
+    assert resident_bytes(info) == N * (32 * 32 * 4 + 16)
+    assert resident_bytes(info, ALL) == N * (32 * 32 * 5 + 16)
     assert auto_resident(info, config("cifar_val")) and not auto_resident(info, config("imagenet_train"))
     monkeypatch.setattr(loaders_module, "CPU_RESIDENT_BUDGET", resident_bytes(info))  # just fits
     assert auto_resident(info, config("cifar_train")) and not auto_resident(info, config("cifar_train", ALL))

@@ -178,7 +178,9 @@ def test_validation_centre_crop(beton, data, resident):
 
 def test_device_loader_is_a_function_of_seed_epoch_batch(data):
     images, labels, masks = data
-    make = lambda seed=0: DeviceLoader.from_arrays(images, labels, masks, batch_size=8, fields=ALL, seed=seed)  # noqa: E731
+    def make(seed=0):
+        return DeviceLoader.from_arrays(images, labels, masks, batch_size=8, fields=ALL, seed=seed)
+
     a, b = make(), make()
     full = epoch(a, 3)
     again = epoch(b, 3)

@@ -107,7 +107,7 @@ class MobileNetV2(KDModel):
 # (output channels, stride) of the 13 depthwise-separable blocks
 _V1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1),
               (512, 1), (512, 1), (1024, 2), (1024, 1))
-_V1_STAGE_ENDS = (3, 5, 11, 13)  # indices in ``model`` whose (pre-ReLU) outputs are features 1-4
+_V1_STAGE_ENDS = (3, 5, 11, 13)  # indices in ``model`` whose pre-ReLU outputs are features 1-4
 
 
 class MobileNetV1(KDModel):
@@ -115,11 +115,13 @@ class MobileNetV1(KDModel):
         super().__init__()
         self.num_classes = num_classes
         cin = int(32 * width_mult)
-        layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, cin, 3, stride=2), nn.ReLU(inplace=True))]
+        # Each ``model.N`` ends with its BN; forward applies the ReLU, so every block's pre-ReLU
+        # output is at hand (ReLU modules hold no state: the names stay the zoo's).
+        layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, cin, 3, stride=2))]
         for c, s in _V1_BLOCKS:
             cout = int(c * width_mult)
             layers.append(nn.Sequential(*_conv_bn(cin, cin, 3, s, groups=cin), nn.ReLU(inplace=True),
-                                        *_conv_bn(cin, cout, 1), nn.ReLU(inplace=True)))
+                                        *_conv_bn(cin, cout, 1)))
             cin = cout
         self.model = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, num_classes)
@@ -131,18 +133,12 @@ class MobileNetV1(KDModel):
         return self.fc
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        m = self.model
-        stem = m[0][:2](x)  # conv-BN, without the ReLU
-        feats = [stem]
-        x = F.relu(stem)
-        start = 1
-        for end in _V1_STAGE_ENDS:
-            for i in range(start, end):
-                x = m[i](x)
-            pre = m[end][:-1](x)
-            feats.append(pre)
+        feats = []
+        for i, block in enumerate(self.model):
+            pre = block(x)
+            if i == 0 or i in _V1_STAGE_ENDS:
+                feats.append(pre)
             x = F.relu(pre)
-            start = end + 1
         return ModelOutput(self.fc(global_pool(x)), feats)
 
 

@@ -78,7 +78,7 @@ _CONFIGS = {
 def _register(name: str, depth: int, cifar_stem: bool) -> None:
     block, depths = _CONFIGS[depth]
 
-    def build(num_classes: int = 1000 if not cifar_stem else 100, zero_init_residual: bool = False) -> ResNet:
+    def build(num_classes: int = 100 if cifar_stem else 1000, zero_init_residual: bool = False) -> ResNet:
         return ResNet(block, depths, num_classes, zero_init_residual, cifar_stem)
 
     build.__name__ = name

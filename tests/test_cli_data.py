@@ -183,7 +183,8 @@ def test_bench_data_appends_rows(tmp_path, capsys):
     assert [r["loader"] for r in rows] == ["pil-dataloader", "ffcv"]
     for r in rows:
         for column in ("commit", "torch_version", "ffcv_version", "device_name", "cpu_cores", "workers",
-                       "median_img_s", "p20_img_s", "p80_img_s", "speedup_vs_baseline"):
+                       "median_img_s", "p20_img_s", "p80_img_s", "speedup_vs_baseline", "cpu_ms_per_img",
+                       "loadavg_1m_start"):
             assert r[column] != "", column
         assert r["workers"] == "1" and r["batch_size"] == "8" and r["epochs"] == "2"
         assert r["output"] == "float32 8x3x224x224 contiguous normalised"

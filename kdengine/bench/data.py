@@ -25,7 +25,10 @@ The comparison (DESIGN.md "Performance targets": data, >= 3x img/s):
   cache), excluded; then ``epochs`` timed epochs per side, the sides in alternation (order
   swapped every round) so drift of a shared machine lands on both. img/s of an epoch = images
   delivered / wall time from ``iter()`` to the last batch. Reported: median and p20/p80 and
-  min/max over the timed epochs, and the ratio of the medians.
+  min/max over the timed epochs, and the ratio of the medians. Also the CPU time per image (the
+  FFCV process's threads; the baseline's main process plus its worker processes, from /proc),
+  which other load on a shared machine disturbs far less than wall time, and the 1-minute load
+  average at the start and end of the run.
 
 Rows go to benchmarks/results/data.csv (one per loader per run).
 """
@@ -239,7 +242,22 @@ def baseline_loader(images_root: Path, batch_size: int, workers: int):
         for x, y in loader:
             yield normalize(x), y
 
+    def cpu_seconds():  # this process (main: collation wait, normalisation) + the worker processes
+        workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+        return time.process_time() + sum(_proc_cpu_seconds(w.pid) for w in workers)
+
+    epoch.cpu_seconds = cpu_seconds
     return epoch
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 # ------------------------------------------------------------------------- the FFCV side
@@ -290,15 +308,19 @@ class DataBenchConfig:
     output: Optional[str] = None
 
 
-def _run_epoch(epoch_fn) -> tuple[int, float, tuple]:
-    """(images, seconds, (shape, dtype, contiguous) of the first batch) of one full epoch."""
+def _run_epoch(epoch_fn) -> tuple[int, float, float, tuple]:
+    """(images, wall seconds, CPU seconds, (shape, dtype, contiguous) of the first batch) of one
+    full epoch. CPU seconds: ``epoch_fn.cpu_seconds()`` (the baseline: this process and its
+    workers), else this process's (FFCV: its threads live here)."""
+    cpu = getattr(epoch_fn, "cpu_seconds", time.process_time)
     images, first = 0, None
-    t0 = time.perf_counter()
+    c0, t0 = cpu(), time.perf_counter()
     for x, _ in epoch_fn():
         if first is None:
             first = (tuple(x.shape), str(x.dtype).replace("torch.", ""), x.is_contiguous())
         images += x.shape[0]
-    return images, time.perf_counter() - t0, first
+    t1 = time.perf_counter()
+    return images, t1 - t0, cpu() - c0, first
 
 
 def run(config: DataBenchConfig, progress=None) -> list[dict]:
@@ -331,9 +353,10 @@ def run(config: DataBenchConfig, progress=None) -> list[dict]:
     names = list(loaders)
     if progress:
         progress.update(task, description="warm-up epochs", completed=0, total=len(names) * (1 + config.epochs))
-    outputs, rates, seconds = {}, {n: [] for n in names}, {n: [] for n in names}
+    outputs, rates, seconds, cpu_ms = {}, {n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}
+    load_start = os.getloadavg()[0]
     for name in names:  # warm-up, excluded
-        _, _, outputs[name] = _run_epoch(loaders[name][0])
+        _, _, _, outputs[name] = _run_epoch(loaders[name][0])
         if progress:
             progress.advance(task)
     if len({outputs[n] for n in names}) != 1:
@@ -343,12 +366,14 @@ def run(config: DataBenchConfig, progress=None) -> list[dict]:
         for name in order:
             if progress:
                 progress.update(task, description=f"epoch {rnd + 1}/{config.epochs}: {name}")
-            n, s, _ = _run_epoch(loaders[name][0])
+            n, s, c, _ = _run_epoch(loaders[name][0])
             rates[name].append(n / s)
             seconds[name].append(s)
+            cpu_ms[name].append(1e3 * c / n)
             if progress:
                 progress.advance(task)
 
+    load_end = os.getloadavg()[0]
     base = provenance(torch.device("cpu"))
     versions = {"ffcv_version": md.version("ffcv"), "pillow_version": md.version("pillow"),
                 "numba_version": md.version("numba")}
@@ -378,6 +403,12 @@ def run(config: DataBenchConfig, progress=None) -> list[dict]:
             "max_img_s": round(r[-1], 1),
             "median_epoch_s": round(statistics.median(seconds[name]), 3),
             "speedup_vs_baseline": round(medians[name] / medians["pil-dataloader"], 3),
+            # CPU time per image (all threads / worker processes): robust to other load on the machine
+            "cpu_ms_per_img": round(statistics.median(cpu_ms[name]), 3),
+            "cpu_efficiency_vs_baseline": round(statistics.median(cpu_ms["pil-dataloader"])
+                                                / statistics.median(cpu_ms[name]), 3),
+            "loadavg_1m_start": round(load_start, 2),
+            "loadavg_1m_end": round(load_end, 2),
         })
     if config.output:
         from .ops import append_rows

@@ -20,7 +20,8 @@ No CIFAR ResNet has an ImageNet depth, so plain ``resnetN`` names cannot collide
 suffix marks the CIFAR-stem copies of ImageNet depths, and ``mobilenet_v2`` (ImageNet) vs
 ``mobilenetv2`` (CIFAR) follows torchvision's spelling for the torchvision model.
 """
-from . import cifar_mobilenetv2, cifar_resnet, imagenet_mobilenet, imagenet_resnet, shufflenet, vgg, wrn  # noqa: F401  (fill the registry)
+# Importing the family modules fills the registry.
+from . import cifar_mobilenetv2, cifar_resnet, imagenet_mobilenet, imagenet_resnet, shufflenet, vgg, wrn  # noqa: F401
 from .base import KDModel, ModelOutput, create_model, list_models, register_model
 from .utils import count_parameters
 

@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 JOBS ?= $(shell nproc)
 PYTEST_ARGS ?=
+TRAIN_ARGS ?=
 CSRC := $(shell find csrc -type f)
 STAMP := $(VENV)/.kdengine-installed
 
-.PHONY: setup test test-fast check-cuda-kernels cmake-check bench info clean
+.PHONY: setup test test-fast check-cuda-kernels cmake-check bench info train clean
 
 setup: $(STAMP)
 
@@ -24,7 +25,7 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(CSRC)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q ninja pybind11 numpy rich pytest expecttest hypothesis triton
+	$(BIN)/python -m pip install -q ninja pybind11 numpy rich omegaconf pyyaml matplotlib tensorboard pytest expecttest hypothesis triton
 	$(BIN)/python -m pip install -q ffcv numba pillow opencv-python-headless  # needs the apt packages above
 	MAX_JOBS=$(JOBS) $(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	@touch $@
@@ -48,6 +49,10 @@ cmake-check: setup
 
 bench: setup
 	$(BIN)/kdengine bench ops
+
+# The embedded default: DML+ADM on the generated dataset, a few minutes on 2 CPU cores.
+train: setup
+	$(BIN)/kdengine train $(TRAIN_ARGS)
 
 info: setup
 	$(BIN)/kdengine info

@@ -189,8 +189,9 @@ class Trainer:
         if not groups:
             raise ValueError(f"method {self.cfg.method.name} trains none of the models")
         # On CUDA the learning rate lives in a device tensor so a captured step sees the schedule.
-        if self.is_cuda:
-            for g in groups:
+        for g in groups:
+            g["initial_lr"] = float(g["lr"])  # the schedule's base, never the mutable tensor below
+            if self.is_cuda:
                 g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay, fused=self.is_cuda or None,

@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdengine",
         description="kdengine: knowledge distillation with fused kernels. "
-                    "Commands available in this version: info, bench, data.",
+                    "Commands: train, eval, viz, data, bench, info. Start with `kdengine train` (the embedded default).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

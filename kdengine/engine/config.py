@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet8x4"
+    name: str = "resnet8"
     role: str = "student"  # teacher | student
     # Extra constructor arguments of the zoo model (e.g. {width_mult: 0.5}).
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -43,10 +43,12 @@ class ModelConfig:
 
 @dataclass
 class EmbeddedDataConfig:
-    size: int = 32
+    # The default run's subset: 16-px images, 2,000 per class for training, 500 for validation
+    # (the generator's own defaults are 32 px, 5,000 / 1,000), sized for 2 CPU cores.
+    size: int = 16
     num_classes: int = 10
-    train_per_class: int = 5000
-    val_per_class: int = 1000
+    train_per_class: int = 2000
+    val_per_class: int = 500
     seed: int = 0
 
 
@@ -59,6 +61,7 @@ class DataConfig:
     num_classes: Optional[int] = None  # dataset=beton: required; embedded: from `embedded`
     pipeline: str = "cifar"  # cifar (pad-crop + flip) | imagenet (RandomResizedCrop + flip)
     resolution: int = 224  # imagenet pipeline: training crop and validation output size
+    crop_padding: Optional[int] = None  # cifar pipeline's pad-and-crop shift; default: image size / 8
     batch_size: int = 128  # per process
     val_batch_size: Optional[int] = None  # default: 2 x batch_size
     num_workers: int = 2
@@ -91,7 +94,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 6
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -113,8 +116,8 @@ class ExperimentConfig:
     """What one `kdengine train` run does. Defaults: the embedded default experiment."""
 
     models: list[ModelConfig] = field(
-        default_factory=lambda: [ModelConfig(name="resnet32x4", role="teacher"),
-                                 ModelConfig(name="resnet8x4", role="student")]
+        default_factory=lambda: [ModelConfig(name="wrn_16_2", role="teacher"),
+                                 ModelConfig(name="resnet8", role="student")]
     )
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -238,6 +241,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(d.device_resident, (True, False, "auto"), "data.device_resident")
     for key in ("batch_size", "resolution", "val_batch_size"):
         _positive(d[key], f"data.{key}")
+    _positive(d.crop_padding, "data.crop_padding", allow_zero=True)
     _positive(d.num_workers, "data.num_workers")  # FFCV needs at least one
     if d.dataset == "beton":
         for key in ("train_path", "val_path", "num_classes"):

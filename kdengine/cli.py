@@ -345,7 +345,7 @@ def _cmd_train(args) -> int:
 
     console = Console()
     overrides = list(args.overrides)
-    for flag, key in ((args.resume, "train.resume"), (args.device, "train.device"),
+    for flag, key in ((args.method, "method.name"), (args.resume, "train.resume"), (args.device, "train.device"),
                       (args.epochs, "train.epochs"), (args.output_dir, "train.output_dir"),
                       (args.run_name, "train.run_name")):
         if flag is not None:
@@ -432,6 +432,7 @@ def _add_train_parsers(sub) -> None:
     train.add_argument("--config", help="experiment YAML (e.g. configs/...); default: the embedded default")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. optim.lr=0.05 models.1.name=resnet8 method.options.adm.beta=0.1")
+    train.add_argument("--method", help="method.name, e.g. vanilla, dml, dml+adm, kd+adm (see kdengine.methods.list_methods)")
     train.add_argument("--resume", help="'auto' (continue the run directory's last checkpoint if any) or a checkpoint path")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
     train.add_argument("--epochs", type=int, help="train.epochs")

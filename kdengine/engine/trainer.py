@@ -7,7 +7,6 @@ metrics and atomic checkpoints into the run directory, and can continue a stoppe
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import threading
@@ -19,7 +18,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
@@ -376,7 +374,7 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         previous_handler = self._install_sigint()
         status = "completed"
         progress = self._progress()

@@ -266,7 +266,8 @@ class Trainer:
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # A captured graph must not keep autocast's cache of cast weights (stale after each step).
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self._use_cuda_graph())
 
     def _forward(self, images, labels, indices):
         outputs = []

@@ -114,3 +114,15 @@ def test_existing_run_is_not_overwritten(tiny):
     _train(tiny + ["train.run_name=same", "train.max_steps=1"])
     with pytest.raises(FileExistsError, match="--resume auto"):
         Trainer(load_config(overrides=tiny + ["train.run_name=same"]), progress=False)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_step_matches_the_eager_step_closely(tiny):
+    """On a GPU the captured step trains like the eager one (bf16 autocast both; not bit-equal)."""
+    cuda = [o for o in tiny if not o.startswith("train.device")] + ["train.device=cuda", "train.epochs=1"]
+    graph, summary_graph = _train(cuda + ["train.run_name=graph"])
+    eager, summary_eager = _train(cuda + ["train.run_name=eager", "train.cuda_graph=false"])
+    assert graph._captured is not None and graph._captured.graphs  # captured and replayed
+    assert eager._captured is None
+    for tag in ("teacher", "student"):
+        assert abs(summary_graph["last"][f"{tag}/loss"] - summary_eager["last"][f"{tag}/loss"]) < 0.5

@@ -57,7 +57,7 @@ def evaluate_checkpoint(path, overrides: Sequence[str] = (), progress: bool = Fa
     from . import checkpoint as ckpt
     from .config import ExperimentConfig, apply_overrides, num_classes_of, validate
     from .data import build_loaders
-    from .trainer import _resolve_device, model_tags
+    from .trainer import _resolve_device, model_tags, precision_and_layout
 
     state = ckpt.load(path)
     if "config" not in state or "models" not in state:
@@ -66,9 +66,7 @@ def evaluate_checkpoint(path, overrides: Sequence[str] = (), progress: bool = Fa
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
     device = _resolve_device(cfg.train.device, 0)
-    is_cuda = device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and is_cuda)) else None
-    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else is_cuda
+    autocast_dtype, channels_last = precision_and_layout(cfg.train, device)
     _, val_loader = build_loaders(cfg, device, DistContext(), dtype=autocast_dtype or torch.float32,
                                   channels_last=channels_last)
     models = []

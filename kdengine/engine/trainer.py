@@ -60,6 +60,15 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
+def precision_and_layout(train_cfg, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
+    """``(autocast dtype or None, channels_last)``: ``precision=auto`` is bf16 autocast on CUDA and
+    fp32 elsewhere; ``channels_last`` unset means on CUDA."""
+    on_cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and on_cuda) else None
+    channels_last = train_cfg.channels_last if train_cfg.channels_last is not None else on_cuda
+    return dtype, channels_last
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -103,10 +112,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         if t.deterministic and not self.is_cuda:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.autocast_dtype = None
-        if t.precision == "bf16" or (t.precision == "auto" and self.is_cuda):
-            self.autocast_dtype = torch.bfloat16
-        self.channels_last = t.channels_last if t.channels_last is not None else self.is_cuda
+        self.autocast_dtype, self.channels_last = precision_and_layout(t, self.device)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
         seed_everything(t.seed)

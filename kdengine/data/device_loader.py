@@ -23,8 +23,19 @@ import torch
 import torch.nn.functional as F
 
 from ._loading import (
-    _AUGMENT, RRC_RATIO, RRC_SCALE, BetonInfo, KDLoader, LoaderConfig, Normalizer, center_crop_box,
-    epoch_batches, epoch_order, resize_masks, seed_for, shard,
+    AUGMENT_STREAM,
+    RRC_RATIO,
+    RRC_SCALE,
+    BetonInfo,
+    KDLoader,
+    LoaderConfig,
+    Normalizer,
+    center_crop_box,
+    epoch_batches,
+    epoch_order,
+    resize_masks,
+    seed_for,
+    shard,
 )
 
 __all__ = ["DeviceLoader"]
@@ -141,7 +152,7 @@ class DeviceLoader(KDLoader):
         res = c.resolution_at(epoch) if c.is_imagenet else None
         for b in range(start, len(self)):
             sel = rows[b * c.batch_size:(b + 1) * c.batch_size]
-            g = torch.Generator().manual_seed(seed_for(c.seed, _AUGMENT, epoch, c.rank, c.world_size, b))
+            g = torch.Generator().manual_seed(seed_for(c.seed, AUGMENT_STREAM, epoch, c.rank, c.world_size, b))
             yield self._batch(sel, g, res)
 
     def _batch(self, sel: torch.Tensor, g: torch.Generator, res: Optional[int]) -> tuple:
@@ -179,8 +190,12 @@ class DeviceLoader(KDLoader):
         b = len(sel)
         h, w = self._image_size
         p = c.crop_padding
-        flip = (torch.rand(b, generator=g) < 0.5).to(dev)
-        dy, dx = (torch.randint(-p, p + 1, (2, b), generator=g) if p else torch.zeros(2, b, dtype=torch.int64)).to(dev)
+        draws = _host_zeros((3, b), torch.int64, dev)  # flip, dy, dx: one copy to the device
+        draws[0] = torch.rand(b, generator=g) < 0.5
+        if p:
+            draws[1:] = torch.randint(-p, p + 1, (2, b), generator=g)
+        flip, dy, dx = draws.to(dev, non_blocking=True)
+        flip = flip.bool()
         rows = torch.arange(h, device=dev)[None] + dy[:, None]  # [B, H] source rows
         ar_w = torch.arange(w, device=dev)[None]
         cols = torch.where(flip[:, None], w - 1 - ar_w, ar_w) + dx[:, None]  # [B, W] source columns
@@ -214,7 +229,7 @@ class DeviceLoader(KDLoader):
     def _random_resized_crop(self, sel, g, res, want_img, want_mask):
         """torchvision's RandomResizedCrop box rule (ten tries, then the centre fallback) drawn for
         the whole batch at once, then one ``grid_sample`` with the flip folded into the affine map."""
-        c, dev = self.config, self.config.device
+        dev = self.config.device
         b = len(sel)
         h, w = self._image_size
         tries = 10
@@ -238,12 +253,12 @@ class DeviceLoader(KDLoader):
         top, left = torch.where(miss, float((h - fh) // 2), top), torch.where(miss, float((w - fw) // 2), left)
         flip = torch.rand(b, generator=g) < 0.5
         # align_corners=False: normalised -1 / +1 are the outer edges of the first / last pixel
-        theta = torch.zeros(b, 2, 3)
+        theta = _host_zeros((b, 2, 3), torch.float32, dev)
         theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
         theta[:, 0, 2] = (2 * left + cw) / w - 1
         theta[:, 1, 1] = ch / h
         theta[:, 1, 2] = (2 * top + ch) / h - 1
-        grid = F.affine_grid(theta.to(dev), [b, 1, res, res], align_corners=False)
+        grid = F.affine_grid(theta.to(dev, non_blocking=True), [b, 1, res, res], align_corners=False)
         images = masks = None
         if want_img:
             x = self.images[sel].permute(0, 3, 1, 2).float()
@@ -254,6 +269,12 @@ class DeviceLoader(KDLoader):
                               align_corners=False)
             masks = m[:, 0].to(torch.uint8)
         return images, masks
+
+
+def _host_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A CPU tensor for a batch's random draws: pinned when they go to a CUDA device, so the copy
+    there (``non_blocking=True``) does not make the host wait for the GPU."""
+    return torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
 
 
 def _tensor(name: str, x) -> torch.Tensor:

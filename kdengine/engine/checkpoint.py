@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.serialization import default_restore_location
 
 LAST = "checkpoint.pt"
 
@@ -36,11 +37,31 @@ def save_atomic(obj: Any, path: os.PathLike | str) -> Path:
 
 
 def load(path: os.PathLike | str, map_location="cpu") -> dict:
+    """A checkpoint's contents.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors saved on an accelerator go (a device or its name). Tensors
+            saved on the CPU stay there whatever it is: the RNG states (CUDA's included), which
+            ``set_rng_state`` needs as CPU ByteTensors, and the metric sums.
+
+    Returns:
+        The saved object.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file cannot be read (truncated, not a ``torch.save`` file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    target = str(torch.device(map_location))
+
+    def locate(storage, location: str):
+        return storage if location == "cpu" else default_restore_location(storage, target)
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=locate, weights_only=False)
     except Exception as exc:  # a truncated or foreign file
         raise ValueError(f"checkpoint {path} could not be read: {exc}") from exc
 
@@ -71,21 +92,3 @@ def model_state_dict(checkpoint: dict, index: int) -> dict:
     if not 0 <= index < len(models):
         raise ValueError(f"the checkpoint holds {len(models)} models; index {index} is out of range")
     return models[index]
-
-
-def load_pretrained(model: torch.nn.Module, path: str, index: Optional[int], default_index: int) -> None:
-    """Weights for ``model`` from a kdengine checkpoint (model ``index``, default
-    ``default_index`` when the checkpoint has that many models, else its first) or from a plain
-    state dict (e.g. torchvision's); strict, so a wrong architecture is an error naming keys."""
-    obj = load(path)
-    if isinstance(obj, dict) and "models" in obj and "config" in obj:
-        n = len(obj["models"])
-        state = model_state_dict(obj, index if index is not None else (default_index if default_index < n else 0))
-    elif isinstance(obj, dict) and "state_dict" in obj:
-        state = obj["state_dict"]
-    else:
-        state = obj
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"weights in {path} do not fit {type(model).__name__}: {exc}") from None

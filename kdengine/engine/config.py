@@ -16,16 +16,21 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-ROLES = ("teacher", "student")
+from ..data import ORDERS
+from ..methods import ROLES, list_methods
+from ..models import list_models
+
 DATASETS = ("embedded", "beton")
-PIPELINES = ("cifar", "imagenet")
-ORDERS = ("random", "quasi_random", "sequential")
+#: ``data.pipeline``: the recipe whose loader pipelines ``<recipe>_train`` and ``<recipe>_val``
+#: (see :func:`kdengine.data.make_loader`) a run trains and validates with.
+DATA_RECIPES = ("cifar", "imagenet")
 SCHEDULES = ("multistep", "step", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
-    """A configuration problem, worded for the command line."""
+    """A configuration problem, worded with the settings' dotted names (a front end adds its own
+    spelling, e.g. the CLI's flags)."""
 
 
 @dataclass
@@ -168,21 +173,22 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def _merge_file(cfg, path: str):
+    where = f"config file {path}"
     if not os.path.exists(path):
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"{where}: no such file")
     with open(path) as f:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{where}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
     try:
         return OmegaConf.merge(cfg, OmegaConf.create(data))
     except (ConfigKeyError, ConfigAttributeError) as exc:
-        raise _key_error(cfg, str(exc.full_key), f"--config {path}") from None
+        raise _key_error(cfg, str(exc.full_key), where) from None
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"--config {path}: {exc.full_key}: {exc.msg}") from None
+        raise ConfigError(f"{where}: {exc.full_key}: {exc.msg}") from None
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -222,9 +228,6 @@ def _positive(value, key, allow_zero=False):
 
 def validate(cfg: DictConfig) -> None:
     """Checks beyond types: choices, ranges, and what the method and models need."""
-    from ..methods import list_methods
-    from ..models import list_models
-
     if len(cfg.models) == 0:
         raise ConfigError("models: give at least one model")
     for i, m in enumerate(cfg.models):
@@ -236,7 +239,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.method.name, list_methods(), "method.name")
     d = cfg.data
     _choice(d.dataset, DATASETS, "data.dataset")
-    _choice(d.pipeline, PIPELINES, "data.pipeline")
+    _choice(d.pipeline, DATA_RECIPES, "data.pipeline")
     _choice(d.order, ORDERS, "data.order")
     _choice(d.device_resident, (True, False, "auto"), "data.device_resident")
     for key in ("batch_size", "resolution", "val_batch_size"):

@@ -9,6 +9,11 @@ import torch
 import torch.distributed as dist
 
 
+def local_rank_from_env() -> int:
+    """This process's rank on its machine (torchrun's ``LOCAL_RANK``; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @dataclass
 class DistContext:
     rank: int = 0
@@ -25,16 +30,29 @@ class DistContext:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device_type: str) -> "DistContext":
-        """Join the process group torchrun describes (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on
-        CPU. An already initialised group (e.g. a test's) is used as it is."""
+    def from_env(cls, device: torch.device) -> "DistContext":
+        """Join the process group torchrun describes (``WORLD_SIZE`` > 1): NCCL on CUDA, bound to
+        ``device`` (which must already be the current CUDA device), gloo on the CPU. An already
+        initialised group (e.g. a test's) is used as it is.
+
+        Args:
+            device: this process's device (see :func:`.setup.device_and_processes`).
+
+        Returns:
+            The context; a world of one when ``WORLD_SIZE`` is unset or 1.
+        """
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+            return cls(dist.get_rank(), dist.get_world_size(), local_rank_from_env())
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
+        if device.type == "cuda":
+            # device_id: NCCL sets up its communicator for this GPU now, not for whichever device
+            # is current at the first collective.
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank_from_env(), True)
 
     def barrier(self) -> None:
         if self.enabled:

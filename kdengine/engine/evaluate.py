@@ -7,9 +7,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
+from . import checkpoint as ckpt
+from .config import ExperimentConfig, apply_overrides, validate
+from .datasets import build_loaders
 from .distributed import DistContext
 from .metrics import topk_correct
+from .setup import Precision, build_models, model_tags, resolve_device
 
 
 @torch.no_grad()
@@ -47,39 +52,33 @@ def evaluate_models(models: Sequence[nn.Module], tags: Sequence[str], loader, de
     return result
 
 
-def evaluate_checkpoint(path, overrides: Sequence[str] = (), progress: bool = False) -> dict:
+def evaluate_checkpoint(path, overrides: Sequence[str] = ()) -> dict:
     """Rebuild the models and the validation loader of the run that saved ``path`` (its stored
-    configuration, then ``overrides``), load the weights and evaluate. Returns ``{"metrics",
-    "tags", "names", "epoch", "config"}``."""
-    from omegaconf import OmegaConf
+    configuration, then ``overrides``), load the weights and evaluate them as the run did (its
+    device rule, precision and layout).
 
-    from ..models import create_model
-    from . import checkpoint as ckpt
-    from .config import ExperimentConfig, apply_overrides, num_classes_of, validate
-    from .data import build_loaders
-    from .trainer import _resolve_device, model_tags, precision_and_layout
+    Args:
+        path: a checkpoint written by :class:`~.trainer.Trainer`.
+        overrides: ``key=value`` items applied to the stored configuration (e.g.
+            ``data.val_path=...``).
 
+    Returns:
+        ``{"metrics", "tags", "names", "roles", "epoch", "config"}``.
+
+    Raises:
+        ValueError: ``path`` is not a kdengine training checkpoint.
+    """
     state = ckpt.load(path)
     if "config" not in state or "models" not in state:
         raise ValueError(f"{path} is not a kdengine training checkpoint (no config/models in it)")
     cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(state["config"]))
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
-    device = _resolve_device(cfg.train.device, 0)
-    autocast_dtype, channels_last = precision_and_layout(cfg.train, device)
-    _, val_loader = build_loaders(cfg, device, DistContext(), dtype=autocast_dtype or torch.float32,
-                                  channels_last=channels_last)
-    models = []
-    for i, spec in enumerate(cfg.models):
-        model = create_model(spec.name, num_classes=num_classes_of(cfg), **dict(spec.kwargs))
-        model.load_state_dict(ckpt.model_state_dict(state, i))
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        models.append(model.to(device, memory_format=fmt))
+    device = resolve_device(cfg.train.device)
+    precision = Precision.of(cfg.train, device)
+    _, val_loader = build_loaders(cfg, precision, DistContext())
+    models = build_models(cfg, precision, weights=[ckpt.model_state_dict(state, i) for i in range(len(cfg.models))])
     tags = model_tags(cfg)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-
-    metrics = evaluate_models(models, tags, val_loader, device, autocast)
+    metrics = evaluate_models(models, tags, val_loader, device, precision.autocast)
     return {"metrics": metrics, "tags": tags, "names": [m.name for m in cfg.models],
             "roles": [m.role for m in cfg.models], "epoch": state["epoch"], "config": cfg}

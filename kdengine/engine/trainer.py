@@ -11,7 +11,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,19 +22,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
 from ..methods import build_method
-from ..models import create_model
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, num_classes_of, to_yaml, validate
 from .cuda_graph import CapturedStep
-from .data import build_loaders
-from .distributed import DistContext
+from .datasets import build_loaders
 from .evaluate import evaluate_models
 from .metrics import DeviceMeter, RunLog, topk_correct
 from .schedule import lr_lambda
+from .setup import Precision, build_models, device_and_processes, model_tags
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; the run stopped and kept its last good checkpoint."""
+
+
+class RunStatus(str, Enum):
+    """How :meth:`Trainer.fit` ended (a ``str``: the summary and its JSON show the value)."""
+
+    COMPLETED = "completed"  # every epoch ran
+    MAX_STEPS = "max_steps"  # train.max_steps reached
+    INTERRUPTED = "interrupted"  # Ctrl-C or request_stop()
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def _as_config(cfg) -> DictConfig:
@@ -48,41 +58,10 @@ def _as_config(cfg) -> DictConfig:
     return cfg
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name} but this torch build sees no CUDA device")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
-
-
-def precision_and_layout(train_cfg, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
-    """``(autocast dtype or None, channels_last)``: ``precision=auto`` is bf16 autocast on CUDA and
-    fp32 elsewhere; ``channels_last`` unset means on CUDA."""
-    on_cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and on_cuda) else None
-    channels_last = train_cfg.channels_last if train_cfg.channels_last is not None else on_cuda
-    return dtype, channels_last
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def model_tags(cfg: DictConfig) -> list[str]:
-    """``teacher``, ``student`` — or ``student1``, ``student2`` when a role repeats."""
-    roles = [m.role for m in cfg.models]
-    tags, seen = [], {}
-    for role in roles:
-        seen[role] = seen.get(role, 0) + 1
-        tags.append(f"{role}{seen[role]}" if roles.count(role) > 1 else role)
-    return tags
 
 
 def default_run_name(cfg: DictConfig) -> str:
@@ -93,9 +72,10 @@ def default_run_name(cfg: DictConfig) -> str:
 class Trainer:
     """Trains ``cfg.models`` jointly with ``cfg.method``; see ``kdengine.engine.config``.
 
-    ``fit()`` returns a summary dict: ``status`` (``"completed"``, ``"max_steps"``,
-    ``"interrupted"``), ``run_dir``, ``epoch``, ``global_step``, ``last`` (the last evaluation) and
-    ``best`` (each model's best top-1). A non-finite loss raises ``NonFiniteLossError``.
+    ``fit()`` returns a summary dict: ``status`` (a :class:`RunStatus`: ``"completed"``,
+    ``"max_steps"``, ``"interrupted"``), ``run_dir``, ``epoch``, ``global_step``, ``last`` (the
+    last evaluation) and ``best`` (each model's best top-1). A non-finite loss raises
+    ``NonFiniteLossError``.
     """
 
     def __init__(self, cfg=None, *, progress: bool = True, console=None):
@@ -104,26 +84,20 @@ class Trainer:
         t = cfg.train
         self.show_progress = progress
         self.console = console
-        device_type = "cuda" if (t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available())) else "cpu"
-        self.dist = DistContext.from_env(device_type)
-        self.device = _resolve_device(t.device, self.dist.local_rank)
+        self.device, self.dist = device_and_processes(t.device)
         self.is_cuda = self.device.type == "cuda"
         if t.threads:
             torch.set_num_threads(t.threads)
         if t.deterministic and not self.is_cuda:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.autocast_dtype, self.channels_last = precision_and_layout(t, self.device)
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.precision = Precision.of(t, self.device)
 
         seed_everything(t.seed)
         self.num_classes = num_classes_of(cfg)
         self.tags = model_tags(cfg)
         self.roles = tuple(m.role for m in cfg.models)
 
-        self.train_loader, self.val_loader = build_loaders(
-            cfg, self.device, self.dist, dtype=self.autocast_dtype or torch.float32,
-            channels_last=self.channels_last,
-        )
+        self.train_loader, self.val_loader = build_loaders(cfg, self.precision, self.dist)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -132,12 +106,7 @@ class Trainer:
             )
 
         seed_everything(t.seed)  # the models' initialisation does not depend on the data set-up
-        self.models = nn.ModuleList()
-        for i, spec in enumerate(cfg.models):
-            model = create_model(spec.name, num_classes=self.num_classes, **dict(spec.kwargs))
-            if spec.checkpoint:
-                ckpt.load_pretrained(model, spec.checkpoint, spec.checkpoint_model, default_index=i)
-            self.models.append(model.to(self.device, memory_format=self.memory_format))
+        self.models = build_models(cfg, self.precision)
         self.method = build_method(
             cfg.method.name, list(self.models), roles=self.roles, num_classes=self.num_classes,
             num_samples=self.train_loader.dataset_size, **OmegaConf.to_container(cfg.method.options),
@@ -222,7 +191,7 @@ class Trainer:
             run_dir = base / f"{name}-{n}"
         elif run_dir.exists() and ckpt.find_last(run_dir):
             raise FileExistsError(
-                f"run directory {run_dir} already holds a checkpoint; continue it with --resume auto "
+                f"run directory {run_dir} already holds a checkpoint; continue it with train.resume=auto "
                 f"or choose another train.run_name"
             )
         return run_dir
@@ -252,7 +221,7 @@ class Trainer:
         return ckpt.save_atomic(self.state_dict(), self.run_dir / ckpt.LAST)
 
     def _load_checkpoint(self, path: Path) -> None:
-        state = ckpt.load(path, map_location=self.device)
+        state = ckpt.load(path, map_location=self.device)  # the RNG states stay on the CPU
         if len(state["models"]) != len(self.models):
             raise ValueError(f"checkpoint {path} holds {len(state['models'])} models, this run has {len(self.models)}")
         for model, weights in zip(self.models, state["models"]):
@@ -260,7 +229,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state["rng"].items()})
+        ckpt.set_rng_state(state["rng"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best = state["global_step"], dict(state["best"])
         self.meter.sums = {k: v.to(self.device) for k, v in state["meter"]["sums"].items()}
@@ -270,10 +239,7 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        # A captured graph must not keep autocast's cache of cast weights (stale after each step).
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=not self._use_cuda_graph())
+        return self.precision.autocast(cache_enabled=not self._use_cuda_graph())
 
     def _forward(self, images, labels, indices):
         outputs = []
@@ -351,14 +317,15 @@ class Trainer:
             if self._stop_requested:
                 signal.signal(signal.SIGINT, previous)
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self.request_stop()
             self._say("[yellow]Ctrl-C: saving a checkpoint after this step (again to abort)[/]")
 
         signal.signal(signal.SIGINT, handler)
         return previous
 
     def request_stop(self) -> None:
-        """Stop after the current step with a checkpoint, as Ctrl-C does."""
+        """Stop after the current step with a checkpoint, as Ctrl-C does (e.g. from another
+        thread, where no SIGINT handler is installed); ``fit`` then returns ``"interrupted"``."""
         self._stop_requested = True
 
     def _say(self, text: str) -> None:
@@ -381,19 +348,29 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, Any]:
+        """Train from where the run stands (epoch 0, or the resumed position) to ``train.epochs``,
+        or until it stops early.
+
+        Returns:
+            The summary (see the class docstring).
+
+        Raises:
+            NonFiniteLossError: the training loss became NaN or inf.
+        """
         t = self.cfg.train
         previous_handler = self._install_sigint()
-        status = "completed"
+        status = RunStatus.COMPLETED
         progress = self._progress()
         try:
             with progress:
                 task = progress.add_task("train", total=t.epochs * self.steps_per_epoch,
                                          completed=self.global_step, info="") if progress else None
                 while self.epoch < t.epochs:
-                    status = self._train_epoch(progress, task)
-                    if status != "epoch_done":
+                    stopped = self._train_loop(progress, task)
+                    if stopped is not None:
+                        status = stopped
                         break
-                    status = "completed"
+                    self._end_epoch(progress)
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
@@ -405,53 +382,78 @@ class Trainer:
     def _progress(self):
         if not (self.show_progress and self.dist.is_main):
             return _NoProgress()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                         console=self.console, transient=False)
 
-    def _train_epoch(self, progress, task) -> str:
+    def _train_loop(self, progress, task) -> Optional[RunStatus]:
+        """The current epoch's steps from ``step_in_epoch`` on. Returns the run's status when it
+        stops inside the epoch (with a checkpoint), None when the epoch's steps are done."""
         t = self.cfg.train
-        epoch = self.epoch
-        self.method.start_epoch(epoch, t.epochs)
+        self.method.start_epoch(self.epoch, t.epochs)
         for model, trainable in zip(self.models, self.trainable):
             model.train(trainable)
-        self.train_loader.set_epoch(epoch, start_batch=self.step_in_epoch)
+        self.train_loader.set_epoch(self.epoch, start_batch=self.step_in_epoch)
         if progress:
-            progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}")
+            progress.update(task, description=f"epoch {self.epoch + 1}/{t.epochs}")
         window_start, window_images = time.perf_counter(), 0
-        for batch in self.train_loader:
-            images, labels = batch[0], batch[1]
-            indices = batch[2] if len(batch) > 2 else None
-            metrics = self.train_step(images, labels, indices)
-            self.meter.add(metrics)
+        for images, labels, indices in self.train_loader:
+            self.meter.add(self.train_step(images, labels, indices))
             self.scheduler.step()
             self.step_in_epoch += 1
             self.global_step += 1
             window_images += labels.shape[0] * self.dist.world_size
             if self.global_step % t.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
-                running = self.meter.read()
-                self._check_finite({k: v for k, v in running.items() if not k.endswith("/top1")})
                 rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                self._log_running(progress, task, rate)
                 window_start, window_images = time.perf_counter(), 0
-                if progress:
-                    info = f"{rate:,.0f} img/s  loss {running.get('loss', float('nan')):.3f}  " + "  ".join(
-                        f"{k} {v:.3f}" for k, v in running.items() if k != "loss" and "/top1" not in k)
-                    progress.update(task, completed=self.global_step, info=info)
-            if t.checkpoint_every and self.global_step % t.checkpoint_every == 0:
-                self._check_finite(self.meter.read())  # never overwrite a good checkpoint with NaNs
-                self.save_checkpoint()
-            if t.max_steps and self.global_step >= t.max_steps:
-                self._check_finite(self.meter.read())
-                self.save_checkpoint()
-                return "max_steps"
-            if self._stop_requested:
-                self._check_finite(self.meter.read())
-                self.save_checkpoint()
-                self._say(f"stopped at epoch {epoch}, step {self.global_step}; continue with --resume auto "
-                          f"(run directory {self.run_dir})")
-                return "interrupted"
+            stop = self._stop_status()
+            if stop is not None or (t.checkpoint_every and self.global_step % t.checkpoint_every == 0):
+                self._save_checked()
+            if stop is RunStatus.INTERRUPTED:
+                self._say(f"stopped at epoch {self.epoch}, step {self.global_step}; continue with "
+                          f"train.resume=auto (run directory {self.run_dir})")
+            if stop is not None:
+                return stop
+        return None
+
+    def _log_running(self, progress, task, rate: float) -> None:
+        """One host sync every ``log_every`` steps: the running means, checked, on the progress bar."""
+        running = self.meter.read()
+        self._check_finite({k: v for k, v in running.items() if not k.endswith("/top1")})
+        if progress:
+            info = f"{rate:,.0f} img/s  loss {running.get('loss', float('nan')):.3f}  " + "  ".join(
+                f"{k} {v:.3f}" for k, v in running.items() if k != "loss" and "/top1" not in k)
+            progress.update(task, completed=self.global_step, info=info)
+
+    def _stop_status(self) -> Optional[RunStatus]:
+        """Why the run stops after this step (``train.max_steps`` first), or None."""
+        max_steps = self.cfg.train.max_steps
+        if max_steps and self.global_step >= max_steps:
+            return RunStatus.MAX_STEPS
+        if self._stop_requested:
+            return RunStatus.INTERRUPTED
+        return None
+
+    def _save_checked(self) -> None:
+        """A checkpoint inside the epoch, once the running losses are checked: a good checkpoint
+        is never overwritten by one with NaNs."""
+        self._check_finite(self.meter.read())
+        self.save_checkpoint()
+
+    def _end_epoch(self, progress) -> None:
+        """After the epoch's last step: the method's epoch end, evaluation, the epoch's records,
+        the checkpoint and the curves."""
+        epoch = self.epoch
         train_metrics = self.meter.read()
         self._check_finite(train_metrics)
         self.meter.reset()
@@ -477,8 +479,7 @@ class Trainer:
             plot_curves(self.log.records(), self.run_dir / "curves.png")
         if progress:
             summary = "  ".join(f"{tag} {val[f'{tag}/top1']:.2f}" for tag in self.tags + ["ensemble"])
-            progress.console.print(f"epoch {epoch + 1}/{t.epochs}  val top-1: {summary}")
-        return "epoch_done"
+            progress.console.print(f"epoch {epoch + 1}/{self.cfg.train.epochs}  val top-1: {summary}")
 
 
 class _NoProgress:

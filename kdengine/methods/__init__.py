@@ -1,17 +1,18 @@
 """Distillation methods: the losses of M models' outputs for one batch (see ``base.Method``).
 
 ``build_method(name, models, roles=..., num_classes=..., num_samples=..., **options)`` is what the
-engine calls; ``list_methods()`` names them all.
+engine calls; ``list_methods()`` names them all. Modules: ``base`` (the ``Method`` contract, roles),
+``adm`` (the ``+adm`` component), ``online``, ``offline``, ``builder``.
 """
-from ._common import LOSS_KINDS, ADMPairs, ADMTerms
-from .base import LossOutput, Method
+from ..losses.dml import mutual_kl
+from .adm import ADMPairs
+from .base import LOSS_KINDS, ROLES, LossOutput, Method, students_of, teachers_of, topology
 from .builder import PRESETS, build_method, list_methods, method_options
-from .offline import DKD, KD, FitNet, HintRegressor, dkd_parts
-from .online import DML, KDCL, SwitOKD, Vanilla, kdcl_ensemble, mutual_kl, switokd_switch
+from .offline import DKD, KD, FitNet, HintRegressor, OfflineMethod, dkd_parts, hint_map
+from .online import DML, KDCL, SwitOKD, Vanilla, kdcl_ensemble, switokd_switch
 
 __all__ = [
     "ADMPairs",
-    "ADMTerms",
     "DKD",
     "DML",
     "FitNet",
@@ -21,14 +22,20 @@ __all__ = [
     "LOSS_KINDS",
     "LossOutput",
     "Method",
+    "OfflineMethod",
     "PRESETS",
+    "ROLES",
     "SwitOKD",
     "Vanilla",
     "build_method",
     "dkd_parts",
+    "hint_map",
     "kdcl_ensemble",
     "list_methods",
     "method_options",
     "mutual_kl",
+    "students_of",
     "switokd_switch",
+    "teachers_of",
+    "topology",
 ]

@@ -1,12 +1,64 @@
-"""The contract between a distillation method and the training engine."""
+"""The contract between a distillation method and the training engine: :class:`Method` (the base
+of every method), :class:`LossOutput`, the roles, and the small helpers every method shares."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..models.base import ModelOutput
+
+if TYPE_CHECKING:  # only for annotations: adm.py imports this module
+    from .adm import ADMPairs
+
+#: What a model can be in a run; the engine's config validates ``models.<i>.role`` against it.
+ROLES = ("teacher", "student")
+
+#: Prefixes of the terms whose sum is ``LossOutput.total`` (the others are diagnostics).
+LOSS_KINDS = ("ce", "kl", "hint", "adm")
+
+
+def teachers_of(roles: Sequence[str]) -> list[int]:
+    """The indices whose role is ``"teacher"``, in order."""
+    return [i for i, r in enumerate(roles) if r == "teacher"]
+
+
+def students_of(roles: Sequence[str]) -> list[int]:
+    """The indices whose role is ``"student"``, in order."""
+    return [i for i, r in enumerate(roles) if r == "student"]
+
+
+def topology(roles: Sequence[str]) -> str:
+    """``"1T1S"``, ``"1T2S"``, ``"2T1S"``, ...: the number of teachers and of students."""
+    t, s = len(teachers_of(roles)), len(students_of(roles))
+    return f"{t}T{s}S"
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 if it is a low-precision float (bf16/fp16 under autocast), else unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def stage_channels(model: nn.Module, index: int) -> list[int]:
+    """The channels of each entry of a model's ``features`` (its ``stage_channels``).
+
+    Args:
+        model: a zoo model (``KDModel``) or anything with ``stage_channels``.
+        index: the model's position among the method's models (for the error message).
+
+    Returns:
+        One int per stage.
+
+    Raises:
+        ValueError: the model lists no ``stage_channels``.
+    """
+    ch = getattr(model, "stage_channels", None)
+    if not ch:
+        raise ValueError(
+            f"model {index} ({type(model).__name__}) has no `stage_channels`, which ADM and FitNet need"
+        )
+    return [int(c) for c in ch]
 
 
 class LossOutput(NamedTuple):
@@ -25,7 +77,15 @@ class Method(nn.Module):
     channels are what ADM and FitNet need); the method owns only its own parameters
     (connectors, regressors), which the engine optimises along with the trainable models.
 
-    Class attributes / attributes the engine reads:
+    Subclasses implement ``losses(outputs, target, terms) -> gates``, filling ``terms`` with
+    per-model weighted loss terms (``"ce/m"``, ``"kl/m"``, ``"hint/m"``) and diagnostics, and
+    returning ``None`` or a dict ``{(teacher, student): 0-d gate}`` that scales the teacher's ADM
+    term of that pair (SwitOKD's switch); ``forward`` checks the inputs, adds the ADM terms
+    (``"adm/m"``) and returns ``total`` = the sum of every term whose prefix is in ``LOSS_KINDS``.
+    A subclass with rules on the roles overrides ``check_roles``; one that freezes some models
+    overrides ``trainable_of``.
+
+    Attributes the engine reads:
         trainable: one bool per model; ``False`` models (offline teachers) run in eval mode
             under ``torch.no_grad`` and are not optimised.
         needs_indices: the method wants the dataset indices of each batch (``forward(...,
@@ -36,16 +96,69 @@ class Method(nn.Module):
     buffer updated by ``start_epoch`` with ``fill_``/``copy_``, never as a Python float read in
     ``forward``: a CUDA graph captured once must see the new value on replay. For the same reason
     ``forward`` has no host syncs (no ``.item()``, no Python branches on tensor values).
+
+    Args:
+        roles: one of ``ROLES`` per model.
+        num_classes: width of every model's logits.
+        adm: the ADM component of a ``<method>+adm`` (``ADMPairs``), or None.
     """
 
     trainable: tuple[bool, ...]
     needs_indices: bool = False
 
+    def __init__(self, roles: Sequence[str], num_classes: int, adm: Optional[ADMPairs] = None):
+        super().__init__()
+        self.roles = self.check_roles(roles)
+        self.trainable = self.trainable_of(self.roles)
+        self.num_classes = int(num_classes)
+        self.topology = topology(self.roles)
+        self.adm = adm
+        self.needs_indices = bool(adm is not None and adm.needs_indices)
+
+    # ---------------------------------------------------------------- roles
+
+    @classmethod
+    def check_roles(cls, roles: Optional[Sequence[str]], name: Optional[str] = None) -> tuple[str, ...]:
+        """Normalise the roles and check them against this method's rules.
+
+        Args:
+            roles: one role per model (any case).
+            name: the method's name for the messages (default: the class name).
+
+        Returns:
+            The roles, lower-case, as a tuple.
+
+        Raises:
+            ValueError: no roles, an unknown role, or (in subclasses) roles the method cannot
+                train, each message naming the roles.
+        """
+        name = name or cls.__name__
+        if roles is None:
+            raise ValueError(f"{name}: roles is required, one of {ROLES} per model")
+        roles = tuple(str(r).lower() for r in roles)
+        bad = [r for r in roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"{name}: unknown role(s) {bad}; each role must be one of {ROLES}")
+        if not roles:
+            raise ValueError(f"{name}: needs at least one model")
+        return roles
+
+    @classmethod
+    def trainable_of(cls, roles: Sequence[str]) -> tuple[bool, ...]:
+        """Which models this method trains (default: all of them)."""
+        return tuple(True for _ in roles)
+
+    # ---------------------------------------------------------------- schedule
+
     def start_epoch(self, epoch: int, epochs: int) -> None:
-        """Called before each epoch (0-based) of ``epochs``."""
+        """Called before each epoch (0-based) of ``epochs``; updates the schedules' buffers."""
+        if self.adm is not None:
+            self.adm.start_epoch(epoch, epochs)
 
     def end_epoch(self, epoch: int) -> None:
         """Called after each epoch's last step."""
+        if self.adm is not None:
+            self.adm.end_epoch(epoch)
 
     def step_gates(self) -> Optional[torch.Tensor]:
         """Optional per-model optimizer gates, read by the engine after each ``forward``.
@@ -61,10 +174,66 @@ class Method(nn.Module):
         """
         return None
 
+    # ---------------------------------------------------------------- forward
+
+    def losses(self, outputs: Sequence[ModelOutput], target: torch.Tensor, terms: dict):
+        """Fill ``terms`` with the method's own terms; return None or the ADM gates (see above)."""
+        raise NotImplementedError  # pragma: no cover - every method overrides
+
+    def _check(self, outputs: Sequence[ModelOutput], target: torch.Tensor, indices) -> None:
+        name = type(self).__name__
+        if len(outputs) != len(self.roles):
+            raise ValueError(
+                f"{name}: built for {len(self.roles)} models {self.roles}, got {len(outputs)} outputs"
+            )
+        for m, out in enumerate(outputs):
+            z = out.logits
+            if z.dim() != 2 or z.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"{name}: model {m} logits must be [B, {self.num_classes}], got {tuple(z.shape)}"
+                )
+        b = outputs[0].logits.shape[0]
+        if target.dim() != 1 or target.shape[0] != b:
+            raise ValueError(f"{name}: target must be [B] = [{b}], got {tuple(target.shape)}")
+        if self.needs_indices:
+            if indices is None:
+                raise ValueError(
+                    f"{name}: ADM di='kd' needs the dataset indices of the batch: "
+                    "forward(outputs, target, indices=...)"
+                )
+            if indices.dim() != 1 or indices.shape[0] != b:
+                raise ValueError(f"{name}: indices must be [B] = [{b}], got {tuple(indices.shape)}")
+
     def forward(
         self,
         outputs: Sequence[ModelOutput],
         target: torch.Tensor,
         indices: Optional[torch.Tensor] = None,
-    ) -> LossOutput:  # pragma: no cover - every method overrides
-        raise NotImplementedError
+    ) -> LossOutput:
+        """The losses of one batch.
+
+        Args:
+            outputs: each model's ``ModelOutput``, in the order of ``roles``.
+            target: the labels, ``[B]``.
+            indices: the dataset indices of the batch, ``[B]`` (needed when ``needs_indices``).
+
+        Returns:
+            ``LossOutput(total, terms)``.
+
+        Raises:
+            ValueError: a wrong number of outputs, logits, target or indices of the wrong shape,
+                or missing indices.
+        """
+        self._check(outputs, target, indices)
+        terms: dict[str, torch.Tensor] = {}
+        gates = self.losses(outputs, target, terms)
+        if self.adm is not None:
+            self.adm(outputs, target, indices, terms, gates)
+        total = None
+        for key, value in terms.items():
+            if key.split("/", 1)[0] in LOSS_KINDS:
+                total = value if total is None else total + value
+        return LossOutput(total, {k: v.detach() for k, v in terms.items()})
+
+    def extra_repr(self) -> str:
+        return f"roles={self.roles}, trainable={self.trainable}"

@@ -7,8 +7,8 @@ from typing import Any, Optional, Sequence
 
 import torch.nn as nn
 
-from ._common import ROLES, ADMPairs, students_of, teachers_of
-from .base import Method
+from .adm import ADMPairs
+from .base import Method, students_of, teachers_of
 from .offline import DKD, KD, FitNet
 from .online import DML, KDCL, KDCL_ENSEMBLES, SwitOKD, Vanilla
 
@@ -118,27 +118,14 @@ def method_options(name: str, **options) -> dict:
     return resolved
 
 
-def _check_roles(name: str, base: str, with_adm: bool, models, roles) -> tuple[str, ...]:
-    if roles is None:
-        raise ValueError(f"{name}: roles is required, one of {ROLES} per model")
-    roles = tuple(str(r).lower() for r in roles)
+def _check_roles(name: str, cls: type[Method], with_adm: bool, models, roles) -> tuple[str, ...]:
+    """The roles, normalised: the method's own rule (``cls.check_roles``), one per model, and
+    ADM's need for a teacher and a student. Checked before anything is built."""
+    roles = cls.check_roles(roles, name)
     if len(roles) != len(models):
         raise ValueError(f"{name}: {len(models)} models but {len(roles)} roles {roles}")
-    bad = [r for r in roles if r not in ROLES]
-    if bad:
-        raise ValueError(f"{name}: unknown role(s) {bad}; each role must be one of {ROLES}")
-    if not models:
-        raise ValueError(f"{name}: needs at least one model")
-    n_t, n_s = len(teachers_of(roles)), len(students_of(roles))
-    if base in ("dml", "kdcl") and len(models) < 2:
-        raise ValueError(f"{name}: needs two or more models, got {len(models)}")
-    if (with_adm or base == "switokd") and (n_t < 1 or n_s < 1):
+    if with_adm and (not teachers_of(roles) or not students_of(roles)):
         raise ValueError(f"{name}: needs at least one teacher and one student, got roles {roles}")
-    if base in _OFFLINE and (n_t != 1 or n_s < 1):
-        raise ValueError(
-            f"{name}: offline distillation needs exactly one (frozen) teacher and at least one "
-            f"student, got roles {roles}"
-        )
     return roles
 
 
@@ -171,7 +158,7 @@ def build_method(
     """
     base, with_adm = _split(name)
     models = list(models)
-    roles = _check_roles(name, base, with_adm, models, roles)
+    roles = _check_roles(name, _BASES[base], with_adm, models, roles)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes <= 0:
         raise ValueError(f"{name}: num_classes must be a positive int, got {num_classes!r}")
     num_classes = int(num_classes)

@@ -11,55 +11,71 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..losses.dml import mutual_kl
 from ..losses.kl import kd_kl, soft_probs
-from ._common import DistillMethod, at_least_fp32, ce_terms, students_of, teachers_of
+from .base import Method, at_least_fp32, students_of, teachers_of
 
 KDCL_ENSEMBLES = ("minlogit", "mean")
 
 
-class Vanilla(DistillMethod):
+def _ce_terms(outputs, target, models: Sequence[int], terms: dict) -> None:
+    for m in models:
+        terms[f"ce/{m}"] = F.cross_entropy(outputs[m].logits, target)
+
+
+class _Mutual(Method):
+    """An online method among two or more models, each trained (checks the model count)."""
+
+    @classmethod
+    def check_roles(cls, roles, name=None):
+        roles = super().check_roles(roles, name)
+        if len(roles) < 2:
+            raise ValueError(f"{name or cls.__name__}: needs two or more models, got {len(roles)}")
+        return roles
+
+
+class Vanilla(Method):
     """Each model trained alone: ``L_m = CE(z_m, y)`` (ADM paper Eq. 1).
 
     With one model this is how ``--method vanilla`` trains an offline teacher. ``vanilla+adm`` is
     ADM without the DML term, ``L = sum_m CE_m + L_adm + gamma * L_feat`` (the "ADM" column of
     the ADM paper's Table 14, "individual effectiveness of ADM").
+
+    Args:
+        roles: one role per model (any roles, one model or more).
+        num_classes: width of the logits.
+        adm: the ADM component of ``vanilla+adm``, or None.
     """
 
-    def __init__(self, roles, num_classes, adm=None):
-        super().__init__(roles, [True] * len(roles), num_classes, adm)
-
     def losses(self, outputs, target, terms):
-        ce_terms(outputs, target, range(len(outputs)), terms)
+        _ce_terms(outputs, target, range(len(outputs)), terms)
         return None
 
 
-def mutual_kl(outputs, temperature: float) -> list[torch.Tensor]:
-    """Per model m: ``tau^2 * KL(p_n || p_m)`` averaged over the other models n, each p_n
-    detached (ADM paper Eq. 2-3; the average for more than two models as in DML)."""
-    probs = [soft_probs(o.logits, temperature) for o in outputs]
-    out = []
-    for m, o in enumerate(outputs):
-        others = [p for n, p in enumerate(probs) if n != m]
-        out.append(sum(kd_kl(o.logits, p, temperature) for p in others) / len(others))
-    return out
-
-
-class DML(DistillMethod):
+class DML(_Mutual):
     """Deep Mutual Learning, ADM paper Eq. 4: ``L_dml = sum_m [CE(z_m, y) + lambda * L_kd^m]``
     with ``L_kd^m = tau^2 KL(p_other || p_m)`` (Eq. 2-3), the other model's prediction detached
-    and, with more than two models, the KL averaged over the others (= ``DMLLoss``).
+    and, with more than two models, the KL averaged over the others (:func:`~kdengine.losses.mutual_kl`,
+    as ``DMLLoss``).
     Paper setting (Sec. 5.1): ``tau = 1``, ``lambda = 1``. ``dml+adm`` is Eq. 10:
     ``L_total = L_dml + gamma * L_feat + L_adm`` with ADM between each teacher and each student
     (Sec. 5.6: DML among all three models in 1T2S / 2T1S).
+
+    Args:
+        roles: one role per model (two or more models).
+        num_classes: width of the logits.
+        weight: lambda.
+        temperature: tau.
+        adm: the ADM component of ``dml+adm``, or None.
     """
 
     def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None):
-        super().__init__(roles, [True] * len(roles), num_classes, adm)
+        super().__init__(roles, num_classes, adm)
         self.weight, self.temperature = float(weight), float(temperature)
 
     def losses(self, outputs, target, terms):
-        ce_terms(outputs, target, range(len(outputs)), terms)
-        for m, kl in enumerate(mutual_kl(outputs, self.temperature)):
+        _ce_terms(outputs, target, range(len(outputs)), terms)
+        for m, kl in enumerate(mutual_kl([o.logits for o in outputs], self.temperature)):
             terms[f"kl/{m}"] = self.weight * kl
         return None
 
@@ -80,7 +96,7 @@ def kdcl_ensemble(logits: Sequence[torch.Tensor], target: torch.Tensor, kind: st
     return (zs - zs.gather(2, idx)).amin(0)
 
 
-class KDCL(DistillMethod):
+class KDCL(_Mutual):
     """KDCL, Online Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020):
     every model ``m`` minimises ``CE(z_m, y) + lambda * tau^2 KL(softmax(z_e / tau) || p_m)``
     with ``z_e`` the detached ensemble of all models' logits (KDCL Eq. 1-2), by default
@@ -88,16 +104,24 @@ class KDCL(DistillMethod):
     the ADM paper follows (SwitOKD, SHAKE) reports as "KDCL", needing no validation set, unlike
     KDCL-Linear/-General. The ADM paper fixes ``tau = 1``, ``lambda = 1`` for every method
     (Sec. 5.1). KDCL's per-model data augmentation is a data-pipeline matter, not modelled here.
+
+    Args:
+        roles: one role per model (two or more models).
+        num_classes: width of the logits.
+        weight: lambda.
+        temperature: tau.
+        ensemble: ``"minlogit"`` or ``"mean"`` (:func:`kdcl_ensemble`).
+        adm: the ADM component of ``kdcl+adm``, or None.
     """
 
     def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, ensemble="minlogit", adm=None):
-        super().__init__(roles, [True] * len(roles), num_classes, adm)
+        super().__init__(roles, num_classes, adm)
         if ensemble not in KDCL_ENSEMBLES:
             raise ValueError(f"kdcl ensemble must be one of {KDCL_ENSEMBLES}, got {ensemble!r}")
         self.weight, self.temperature, self.ensemble = float(weight), float(temperature), ensemble
 
     def losses(self, outputs, target, terms):
-        ce_terms(outputs, target, range(len(outputs)), terms)
+        _ce_terms(outputs, target, range(len(outputs)), terms)
         z_e = kdcl_ensemble([o.logits for o in outputs], target, self.ensemble)
         p_e = soft_probs(z_e, self.temperature)
         for m, o in enumerate(outputs):
@@ -127,7 +151,7 @@ def switokd_switch(z_t: torch.Tensor, z_s: torch.Tensor, target: torch.Tensor, t
     return expert, gap, threshold
 
 
-class SwitOKD(DistillMethod):
+class SwitOKD(Method):
     """Switchable Online Knowledge Distillation (Qian et al., ECCV 2022).
 
     DML's losses (ADM paper Eq. 2-4; ``tau = 1``, ``lambda = 1``) with each teacher switching
@@ -147,22 +171,32 @@ class SwitOKD(DistillMethod):
 
     ``switokd+adm``: ADM between each teacher and each student (ADM paper Table 1, 11); the
     teacher's ``beta * L_di`` of a pair is masked like its KL term from that student.
+
+    Args:
+        roles: at least one teacher and one student.
+        num_classes: width of the logits.
+        weight: lambda.
+        temperature: tau (of the KL terms and of the switch).
+        adm: the ADM component of ``switokd+adm``, or None.
     """
 
     def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None):
-        super().__init__(roles, [True] * len(roles), num_classes, adm)
+        super().__init__(roles, num_classes, adm)
         self.weight, self.temperature = float(weight), float(temperature)
-        self.teacher_ids, self.student_ids = teachers_of(roles), students_of(roles)
-        if not self.teacher_ids or not self.student_ids:
-            raise ValueError(f"switokd needs at least one teacher and one student, got roles {tuple(roles)}")
-        self.register_buffer("gates", torch.ones(len(roles)))
+        self.teacher_ids, self.student_ids = teachers_of(self.roles), students_of(self.roles)
+        self.register_buffer("gates", torch.ones(len(self.roles)))
+
+    @classmethod
+    def check_roles(cls, roles, name=None):
+        roles = super().check_roles(roles, name)
+        if not teachers_of(roles) or not students_of(roles):
+            raise ValueError(f"{name or cls.__name__}: needs at least one teacher and one student, got roles {roles}")
+        return roles
 
     def step_gates(self) -> Optional[torch.Tensor]:
         return self.gates
 
     def losses(self, outputs, target, terms):
-        n = len(outputs)
-        probs = [soft_probs(o.logits, self.temperature) for o in outputs]
         learn = {}  # (teacher, student) -> 0-d float: 1 learning, 0 expert
         for t in self.teacher_ids:
             for s in self.student_ids:
@@ -172,25 +206,25 @@ class SwitOKD(DistillMethod):
                 learn[(t, s)] = torch.where(expert, 0.0, 1.0)
                 terms[f"gap/{t}-{s}"] = gap
                 terms[f"threshold/{t}-{s}"] = threshold
+        # a teacher is active unless in expert mode against every student
+        active = {t: 1.0 - torch.stack([1.0 - learn[(t, s)] for s in self.student_ids]).prod()
+                  for t in self.teacher_ids}
+        kl_gates = {(t, k): learn[(t, k)] if k in self.student_ids else active[t]
+                    for t in self.teacher_ids for k in range(len(outputs)) if k != t}
+        # each model's CE built before its KL terms, as the reference loop did: the same autograd
+        # accumulation order, so the same gradients to the last bit
+        ces = [F.cross_entropy(o.logits, target) for o in outputs]
+        kls = mutual_kl([o.logits for o in outputs], self.temperature, kl_gates)
         gates = []
-        for m, o in enumerate(outputs):
-            ce = F.cross_entropy(o.logits, target)
-            kls = []
+        for m, ce in enumerate(ces):
             if m in self.teacher_ids:
-                # active unless in expert mode against every student
-                active = 1.0 - torch.stack([1.0 - learn[(m, s)] for s in self.student_ids]).prod()
-                for k in range(n):
-                    if k != m:
-                        g = learn[(m, k)] if k in self.student_ids else active
-                        kls.append(g * kd_kl(o.logits, probs[k], self.temperature))
-                terms[f"switch/{m}"] = active
-                terms[f"ce/{m}"] = active * ce
-                gates.append(active)
+                terms[f"switch/{m}"] = active[m]
+                terms[f"ce/{m}"] = active[m] * ce
+                gates.append(active[m])
             else:
-                kls = [kd_kl(o.logits, probs[k], self.temperature) for k in range(n) if k != m]
                 terms[f"ce/{m}"] = ce
                 gates.append(torch.ones((), device=ce.device))
-            terms[f"kl/{m}"] = self.weight * sum(kls) / len(kls)
+            terms[f"kl/{m}"] = self.weight * kls[m]
         if self.training:
             self.gates.copy_(torch.stack(gates))
         return learn

@@ -11,12 +11,19 @@ class ModelOutput(NamedTuple):
     """What a zoo model's ``forward`` returns.
 
     ``logits``: [B, num_classes]. ``features``: one map per stage, [B, C_i, H_i, W_i], each the
-    stage's output *before* its final ReLU (what ADM and FitNet consume; the network itself
-    continues from the ReLU of it). The last entry is the map ADM pools.
+    stage's output *before* its final ReLU (what ADM consumes; the network itself continues from
+    the ReLU of it). The last entry is the map ADM pools.
+
+    ``hints``: the maps the public CIFAR-KD code (mdistiller / CRD) lists as ``feats``, one per
+    entry of ``features`` (same length, same channels): what FitNet regresses. ``None`` when they
+    are ``relu(features[i])`` entry for entry; a family whose ``feats`` differ (e.g. WRN's raw
+    block outputs, MobileNetV2's linear bottlenecks) lists them. Positional unpacking therefore
+    takes three names (``logits, features, hints = model(x)``); attribute access is the usual way.
     """
 
     logits: torch.Tensor
     features: list[torch.Tensor]
+    hints: list[torch.Tensor] | None = None
 
 
 class KDModel(nn.Module):
@@ -39,24 +46,54 @@ class KDModel(nn.Module):
 _REGISTRY: dict[str, Callable[..., KDModel]] = {}
 
 
-def register_model(name: str):
-    """Class/function decorator adding a model constructor to the registry under ``name``."""
+def register_model(fn_or_name: Callable[..., KDModel] | str | None = None):
+    """Add a model constructor to the registry behind ``create_model``.
 
-    def wrap(fn):
+    Used bare, ``@register_model`` registers the function under its own name, so the registry
+    name of every model is a ``def`` that ``grep`` finds; ``@register_model("name")`` gives the
+    name explicitly.
+
+    Args:
+        fn_or_name: the constructor (bare use), or the registry name (``None``: the function's
+            ``__name__``). A constructor takes ``num_classes`` plus the model's keyword options.
+
+    Returns:
+        The constructor itself (bare use), else a decorator returning the constructor unchanged.
+
+    Raises:
+        ValueError: the name is registered already.
+    """
+
+    def add(name: str, fn: Callable[..., KDModel]) -> Callable[..., KDModel]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = fn
         return fn
 
-    return wrap
+    if callable(fn_or_name):
+        return add(fn_or_name.__name__, fn_or_name)
+    return lambda fn: add(fn_or_name or fn.__name__, fn)
 
 
 def list_models() -> list[str]:
+    """The registered model names, sorted (what ``create_model`` accepts)."""
     return sorted(_REGISTRY)
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> KDModel:
-    """Build a zoo model by name, e.g. ``create_model("resnet8x4", num_classes=100)``."""
+    """Build a zoo model by name, e.g. ``create_model("resnet8x4", num_classes=100)``.
+
+    Args:
+        name: a registry name (``list_models()``).
+        num_classes: width of the logits.
+        **kwargs: the model's own options (e.g. ``width_mult``, ``zero_init_residual``).
+
+    Returns:
+        The model, freshly initialised.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the registered names).
+    """
     try:
         ctor = _REGISTRY[name]
     except KeyError:

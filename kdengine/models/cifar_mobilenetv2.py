@@ -18,6 +18,11 @@ last 1x1 conv's BN output before ReLU (2 px), which is what ``classifier`` pools
 "pre-ReLU" rule: entries 1-3 are linear-bottleneck outputs that no ReLU follows, and the network
 continues from them as they are. mdistiller's last entry is block 6's 320-channel output; we end
 at the 1280-channel map instead so ADM's attention pool goes through ``classifier``.
+
+Hints (FitNet's taps, mdistiller's ``feats``): ``relu(stem)``, then the bottleneck outputs of
+blocks 1, 2 and 4 as they are (``relu`` of them would clip the linear bottlenecks), then
+``relu(features[-1])``: mdistiller's last tap, block 6's 320-channel output, has no counterpart
+with the last entry's 1280 channels (FitNet's usual ``hint_layer=2`` is unaffected).
 """
 from __future__ import annotations
 
@@ -53,6 +58,13 @@ class InvertedResidual(nn.Module):
 
 
 class CifarMobileNetV2(KDModel):
+    """The CIFAR zoo's MobileNetV2.
+
+    Args:
+        num_classes: width of the logits.
+        width_mult: width multiplier (widths ``int(c * width_mult)``).
+    """
+
     def __init__(self, num_classes: int = 100, width_mult: float = 1.0):
         super().__init__()
         self.num_classes = num_classes
@@ -78,20 +90,23 @@ class CifarMobileNetV2(KDModel):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         b = self.blocks
         stem = self.conv1(x)
-        f1 = b[1](b[0](F.relu(stem)))
+        act = F.relu(stem)
+        f1 = b[1](b[0](act))
         f2 = b[2](f1)
         f3 = b[4](b[3](f2))
         last = self.conv2(b[6](b[5](f3)))
-        return ModelOutput(self.classifier(global_pool(F.relu(last))), [stem, f1, f2, f3, last])
+        pooled = F.relu(last)
+        return ModelOutput(self.classifier(global_pool(pooled)), [stem, f1, f2, f3, last],
+                           hints=[act, f1, f2, f3, pooled])
 
 
-@register_model("mobilenetv2")
+@register_model
 def mobilenetv2(num_classes: int = 100, width_mult: float = 1.0) -> CifarMobileNetV2:
     """CIFAR MobileNetV2 (CRD zoo layout), width ``width_mult``."""
     return CifarMobileNetV2(num_classes, width_mult)
 
 
-@register_model("mobilenetv2_0_5")
+@register_model
 def mobilenetv2_0_5(num_classes: int = 100) -> CifarMobileNetV2:
     """The zoo's ``mobile_half``: the CIFAR tables' "MobileNetV2"."""
     return CifarMobileNetV2(num_classes, 0.5)

@@ -8,7 +8,8 @@ resnet32x4 7,433,860 at 100 classes).
 Features (4 entries, ``stage_channels`` = the widths above): the stem's BN output, then each
 stage's last residual sum, all before their ReLU; at 32 px they are 32, 32, 16, 8 px. This is
 mdistiller's ``preact_feats`` list (whose stem entry is taken after the ReLU instead): entry 0 is
-the stem that ADM's L_feat skips, and FitNet's usual ``hint_layer=2`` names the same map.
+the stem that ADM's L_feat skips, and FitNet's usual ``hint_layer=2`` names the same map. No
+``hints``: mdistiller's ``feats`` are ``relu(features[i])`` entry for entry.
 
 Module names equal the zoo's, so its released CIFAR-100 teacher checkpoints (resnet56, resnet110,
 resnet32x4) load with ``strict=True``.
@@ -25,6 +26,14 @@ from .utils import global_pool, init_weights, run_stage
 
 
 class CifarResNet(KDModel):
+    """A CIFAR ResNet of BasicBlocks.
+
+    Args:
+        depth: 6n + 2 (n blocks per stage).
+        widths: channels of the stem and of stages 1-3.
+        num_classes: width of the logits.
+    """
+
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100):
         super().__init__()
         if (depth - 2) % 6:
@@ -52,16 +61,59 @@ class CifarResNet(KDModel):
         return ModelOutput(self.fc(global_pool(x)), [stem, f1, f2, f3])
 
 
-def _register(name: str, depth: int, widths: tuple[int, int, int, int]) -> None:
-    def build(num_classes: int = 100) -> CifarResNet:
-        return CifarResNet(depth, widths, num_classes)
-
-    build.__name__ = name
-    build.__doc__ = f"CIFAR ResNet-{depth}, widths {widths}."
-    register_model(name)(build)
+_NARROW = (16, 16, 32, 64)  # stem, stage 1-3 widths of resnet8 ... resnet110
+_WIDE = (32, 64, 128, 256)  # the "x4" models
 
 
-for _depth in (8, 14, 20, 32, 44, 56, 110):
-    _register(f"resnet{_depth}", _depth, (16, 16, 32, 64))
-_register("resnet8x4", 8, (32, 64, 128, 256))
-_register("resnet32x4", 32, (32, 64, 128, 256))
+@register_model
+def resnet8(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-8, widths 16, 16, 32, 64."""
+    return CifarResNet(8, _NARROW, num_classes, **kwargs)
+
+
+@register_model
+def resnet14(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-14, widths 16, 16, 32, 64."""
+    return CifarResNet(14, _NARROW, num_classes, **kwargs)
+
+
+@register_model
+def resnet20(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-20, widths 16, 16, 32, 64."""
+    return CifarResNet(20, _NARROW, num_classes, **kwargs)
+
+
+@register_model
+def resnet32(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-32, widths 16, 16, 32, 64."""
+    return CifarResNet(32, _NARROW, num_classes, **kwargs)
+
+
+@register_model
+def resnet44(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-44, widths 16, 16, 32, 64."""
+    return CifarResNet(44, _NARROW, num_classes, **kwargs)
+
+
+@register_model
+def resnet56(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-56, widths 16, 16, 32, 64."""
+    return CifarResNet(56, _NARROW, num_classes, **kwargs)
+
+
+@register_model
+def resnet110(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-110, widths 16, 16, 32, 64."""
+    return CifarResNet(110, _NARROW, num_classes, **kwargs)
+
+
+@register_model
+def resnet8x4(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-8, four times wider: widths 32, 64, 128, 256."""
+    return CifarResNet(8, _WIDE, num_classes, **kwargs)
+
+
+@register_model
+def resnet32x4(num_classes: int = 100, **kwargs) -> CifarResNet:
+    """CIFAR ResNet-32, four times wider: widths 32, 64, 128, 256."""
+    return CifarResNet(32, _WIDE, num_classes, **kwargs)

@@ -17,6 +17,10 @@ initialise it like torchvision's MobileNetV2 (the zoo uses PyTorch defaults). ``
 scales every width by ``int(c * width_mult)`` (the paper's alpha). Features (5 entries, the
 ResNets' resolutions): the stem's BN output and the last pointwise BN output of blocks 3, 5, 11
 and 13 (128, 256, 512, 1024 channels; mdistiller's ``preact_feats`` plus the stem), all pre-ReLU.
+
+Neither reports ``hints``: FitNet takes ``relu(features[i])``, which are mdistiller's ``feats``
+for ``mobilenetv1``; for ``mobilenet_v2`` no CIFAR-KD code lists taps (relu clips its linear
+bottleneck entries 1-3).
 """
 from __future__ import annotations
 
@@ -25,16 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import KDModel, ModelOutput, register_model
-from .utils import global_pool, init_weights, make_divisible
+from .utils import global_pool, init_weights, make_divisible, pre_relu6
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
 
-
-def _pre_relu6(x: torch.Tensor) -> torch.Tensor:
-    """The part of ReLU6 before its ReLU: relu(_pre_relu6(x)) == relu6(x)."""
-    return x.clamp(max=6.0)
 
 
 class InvertedResidual(nn.Module):
@@ -88,7 +88,7 @@ class MobileNetV2(KDModel):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         f = self.features
-        stem = _pre_relu6(f[0](x))
+        stem = pre_relu6(f[0](x))
         feats = [stem]
         x = F.relu(stem)
         start = 1
@@ -99,7 +99,7 @@ class MobileNetV2(KDModel):
             start = end + 1
         for i in range(start, len(f) - 1):
             x = f[i](x)
-        last = _pre_relu6(f[-1](x))
+        last = pre_relu6(f[-1](x))
         feats.append(last)
         return ModelOutput(self.classifier(global_pool(F.relu(last))), feats)
 
@@ -142,13 +142,13 @@ class MobileNetV1(KDModel):
         return ModelOutput(self.fc(global_pool(x)), feats)
 
 
-@register_model("mobilenet_v2")
+@register_model
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2) -> MobileNetV2:
     """ImageNet MobileNetV2, torchvision's layout (the CIFAR one is ``mobilenetv2``)."""
     return MobileNetV2(num_classes, width_mult, dropout)
 
 
-@register_model("mobilenetv1")
+@register_model
 def mobilenetv1(num_classes: int = 1000, width_mult: float = 1.0) -> MobileNetV1:
     """ImageNet MobileNetV1 (mdistiller's layout)."""
     return MobileNetV1(num_classes, width_mult)

@@ -7,13 +7,15 @@ parameter counts are torchvision's (resnet18 11,689,512 ... resnet152 60,192,808
 
 Features (5 entries): the stem's BN output (before ReLU and max-pool, H/2), then the last residual
 sum of layer1-4 before its ReLU (H/4, H/8, H/16, H/32); ``stage_channels`` = (64, 64e, 128e,
-256e, 512e) with e = 1 (basic) or 4 (bottleneck). This is mdistiller's ImageNet ``preact_feats``.
+256e, 512e) with e = 1 (basic) or 4 (bottleneck). This is mdistiller's ImageNet ``preact_feats``;
+no ``hints``, as its ``feats`` (and those of the CIFAR zoo's ``resnetv2.py``) are their ReLUs.
 
 ``resnet18_cifar`` / ``resnet50_cifar`` are the CRD zoo's "ResNet18"/"ResNet50" for 32 px input
 (3x3 stride-1 stem, no max-pool; the paper's CIFAR ResNet-50 teacher), same parameter counts as
-the zoo's; they keep torchvision's names, so the zoo's checkpoints need ``shortcut`` ->
-``downsample`` and ``linear`` -> ``fc`` renamed. The ``_cifar`` suffix keeps them apart from the
-ImageNet names (the CIFAR ``resnet8`` ... ``resnet110`` have no ImageNet namesakes).
+the zoo's; they keep torchvision's names, and ``load_pretrained`` renames the zoo's ``shortcut``
+-> ``downsample`` and ``linear`` -> ``fc``, so its released teachers load as they are. The
+``_cifar`` suffix keeps them apart from the ImageNet names (the CIFAR ``resnet8`` ... ``resnet110``
+have no ImageNet namesakes).
 """
 from __future__ import annotations
 
@@ -27,6 +29,17 @@ from .utils import global_pool, init_weights, run_stage
 
 
 class ResNet(KDModel):
+    """torchvision's ResNet, optionally with the CIFAR zoo's stem.
+
+    Args:
+        block: ``BasicBlock`` (ResNet-18/34) or ``Bottleneck`` (ResNet-50 and deeper).
+        depths: blocks in layer1-4.
+        num_classes: width of the logits.
+        zero_init_residual: zero each block's last BN weight (torchvision's option).
+        cifar_stem: 3x3 stride-1 stem conv and no max-pool (32 px input) instead of the 7x7
+            stride-2 conv and max-pool.
+    """
+
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int],
                  num_classes: int = 1000, zero_init_residual: bool = False, cifar_stem: bool = False):
         super().__init__()
@@ -66,6 +79,7 @@ class ResNet(KDModel):
         return ModelOutput(self.fc(global_pool(x)), [stem, f1, f2, f3, f4])
 
 
+# block and blocks per stage (layer1-4) of each depth
 _CONFIGS = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
@@ -75,18 +89,43 @@ _CONFIGS = {
 }
 
 
-def _register(name: str, depth: int, cifar_stem: bool) -> None:
-    block, depths = _CONFIGS[depth]
-
-    def build(num_classes: int = 100 if cifar_stem else 1000, zero_init_residual: bool = False) -> ResNet:
-        return ResNet(block, depths, num_classes, zero_init_residual, cifar_stem)
-
-    build.__name__ = name
-    build.__doc__ = f"ResNet-{depth} ({'CIFAR stem' if cifar_stem else 'ImageNet, torchvision layout'})."
-    register_model(name)(build)
+@register_model
+def resnet18(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-18, ImageNet (torchvision's layout)."""
+    return ResNet(*_CONFIGS[18], num_classes, **kwargs)
 
 
-for _depth in _CONFIGS:
-    _register(f"resnet{_depth}", _depth, cifar_stem=False)
-_register("resnet18_cifar", 18, cifar_stem=True)
-_register("resnet50_cifar", 50, cifar_stem=True)
+@register_model
+def resnet34(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-34, ImageNet (torchvision's layout)."""
+    return ResNet(*_CONFIGS[34], num_classes, **kwargs)
+
+
+@register_model
+def resnet50(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-50, ImageNet (torchvision's layout)."""
+    return ResNet(*_CONFIGS[50], num_classes, **kwargs)
+
+
+@register_model
+def resnet101(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-101, ImageNet (torchvision's layout)."""
+    return ResNet(*_CONFIGS[101], num_classes, **kwargs)
+
+
+@register_model
+def resnet152(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-152, ImageNet (torchvision's layout)."""
+    return ResNet(*_CONFIGS[152], num_classes, **kwargs)
+
+
+@register_model
+def resnet18_cifar(num_classes: int = 100, **kwargs) -> ResNet:
+    """ResNet-18 with the CIFAR stem: the CRD / mdistiller zoo's "ResNet18"."""
+    return ResNet(*_CONFIGS[18], num_classes, cifar_stem=True, **kwargs)
+
+
+@register_model
+def resnet50_cifar(num_classes: int = 100, **kwargs) -> ResNet:
+    """ResNet-50 with the CIFAR stem: the CRD / mdistiller zoo's "ResNet50"."""
+    return ResNet(*_CONFIGS[50], num_classes, cifar_stem=True, **kwargs)

@@ -19,6 +19,11 @@ load with ``strict=True``; the classifier is ``linear``.
 Every block returns its pre-activation and ``run_stage`` applies the ReLU. This is exact because
 every concatenated passthrough part is already a ReLU output (non-negative) and channel shuffles
 commute with ReLU.
+
+No ``hints``: mdistiller's ``feats`` are ``relu(features[i])`` entry for entry (for ShuffleNetV2
+the shuffled stage outputs, which equal its ``cat(x1, relu(branch))`` then shuffle), except
+ShuffleNetV2's last tap, stage 3's 464-channel output, which has no counterpart with the last
+entry's 1024 channels; FitNet gets ``relu(features[-1])`` there.
 """
 from __future__ import annotations
 
@@ -166,13 +171,13 @@ class ShuffleNetV2(KDModel):
         return ModelOutput(self.linear(global_pool(F.relu(f3))), [stem, f1, f2, f3])
 
 
-@register_model("shufflenetv1")
+@register_model
 def shufflenetv1(num_classes: int = 100) -> ShuffleNetV1:
     """CIFAR ShuffleNetV1, 3 groups (the zoo's ``ShuffleV1``)."""
     return ShuffleNetV1(num_classes)
 
 
-@register_model("shufflenetv2")
+@register_model
 def shufflenetv2(num_classes: int = 100) -> ShuffleNetV2:
     """CIFAR ShuffleNetV2 1x (the zoo's ``ShuffleV2``)."""
     return ShuffleNetV2(num_classes)

@@ -20,6 +20,12 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded
 
 
+def pre_relu6(x: torch.Tensor) -> torch.Tensor:
+    """The part of ReLU6 before its ReLU: ``relu(pre_relu6(x)) == relu6(x)``, so a MobileNet stage
+    can report a pre-ReLU feature and continue from its ReLU like every other family."""
+    return x.clamp(max=6.0)
+
+
 def global_pool(x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, C]. Adaptive, so any input size works (the CIFAR zoo's fixed
     AvgPool2d(8)/(4) equal this at 32 px)."""

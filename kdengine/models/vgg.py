@@ -10,7 +10,8 @@ its checkpoints load with ``strict=True``. The zoo's extra max-pool after stage 
 
 Features (5 entries, ``stage_channels`` = (64, 128, 256, 512, 512)): each stage's last BN output,
 before its ReLU (mdistiller's ``preact_feats``, whose stem entry is after the ReLU); the network
-continues from their ReLU (max-pool commutes with ReLU, so we pool first).
+continues from their ReLU (max-pool commutes with ReLU, so we pool first). No ``hints``:
+mdistiller's ``feats`` are ``relu(features[i])`` (before the pools) entry for entry.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from .base import KDModel, ModelOutput, register_model
 from .utils import global_pool, init_weights
 
+# conv widths of stages 0-4 (vgg11/13/16/19: the A/B/D/E configurations)
 _CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg8": ((64,), (128,), (256,), (512,), (512,)),
     "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
@@ -40,6 +42,13 @@ def _stage(cin: int, widths: tuple[int, ...]) -> nn.Sequential:
 
 
 class VGG(KDModel):
+    """A CIFAR VGG with BatchNorm.
+
+    Args:
+        config: conv widths of each of the five stages (``_CONFIGS``).
+        num_classes: width of the logits.
+    """
+
     def __init__(self, config: tuple[tuple[int, ...], ...], num_classes: int = 100):
         super().__init__()
         self.num_classes = num_classes
@@ -66,16 +75,31 @@ class VGG(KDModel):
         return ModelOutput(self.classifier(global_pool(x)), features)
 
 
-def _register(name: str) -> None:
-    config = _CONFIGS[name]
-
-    def build(num_classes: int = 100) -> VGG:
-        return VGG(config, num_classes)
-
-    build.__name__ = name
-    build.__doc__ = f"CIFAR {name.upper()} with BatchNorm."
-    register_model(name)(build)
+@register_model
+def vgg8(num_classes: int = 100, **kwargs) -> VGG:
+    """CIFAR VGG8 with BatchNorm (the zoo's ``vgg8_bn``)."""
+    return VGG(_CONFIGS["vgg8"], num_classes, **kwargs)
 
 
-for _name in _CONFIGS:
-    _register(_name)
+@register_model
+def vgg11(num_classes: int = 100, **kwargs) -> VGG:
+    """CIFAR VGG11 with BatchNorm (the zoo's ``vgg11_bn``)."""
+    return VGG(_CONFIGS["vgg11"], num_classes, **kwargs)
+
+
+@register_model
+def vgg13(num_classes: int = 100, **kwargs) -> VGG:
+    """CIFAR VGG13 with BatchNorm (the zoo's ``vgg13_bn``)."""
+    return VGG(_CONFIGS["vgg13"], num_classes, **kwargs)
+
+
+@register_model
+def vgg16(num_classes: int = 100, **kwargs) -> VGG:
+    """CIFAR VGG16 with BatchNorm (the zoo's ``vgg16_bn``)."""
+    return VGG(_CONFIGS["vgg16"], num_classes, **kwargs)
+
+
+@register_model
+def vgg19(num_classes: int = 100, **kwargs) -> VGG:
+    """CIFAR VGG19 with BatchNorm (the zoo's ``vgg19_bn``)."""
+    return VGG(_CONFIGS["vgg19"], num_classes, **kwargs)

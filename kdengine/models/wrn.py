@@ -12,6 +12,9 @@ BN's output: ``block2.layer[0].bn1(stage1)``, ``block3.layer[0].bn1(stage2)`` an
 first unit of block2/block3 changes width, so its shortcut takes the activated input too, and
 we compute each of these BNs once. Entry 0 is the raw stem conv output (as in mdistiller): no ReLU
 follows it directly, but ADM's L_feat skips entry 0.
+
+Hints (FitNet's taps, mdistiller's ``feats``): the raw stem conv output and the raw outputs of
+block1-3 (the residual sums, before any BN or ReLU), not ``relu(features[i])``.
 """
 from __future__ import annotations
 
@@ -67,6 +70,14 @@ class WideStage(nn.Module):
 
 
 class WideResNet(KDModel):
+    """A pre-activation Wide ResNet.
+
+    Args:
+        depth: 6n + 4 (n units per stage).
+        widen: widen factor k (stage widths 16k, 32k, 64k).
+        num_classes: width of the logits.
+    """
+
     def __init__(self, depth: int, widen: int, num_classes: int = 100):
         super().__init__()
         if (depth - 4) % 6:
@@ -95,19 +106,34 @@ class WideResNet(KDModel):
         f2 = self.block3.layer[0].bn1(s2)
         s3 = self.block3.from_activation(F.relu(f2))
         f3 = self.bn1(s3)
-        return ModelOutput(self.fc(global_pool(F.relu(f3))), [stem, f1, f2, f3])
+        return ModelOutput(self.fc(global_pool(F.relu(f3))), [stem, f1, f2, f3], hints=[stem, s1, s2, s3])
 
 
-def _register(depth: int, widen: int) -> None:
-    name = f"wrn_{depth}_{widen}"
-
-    def build(num_classes: int = 100) -> WideResNet:
-        return WideResNet(depth, widen, num_classes)
-
-    build.__name__ = name
-    build.__doc__ = f"WRN-{depth}-{widen} (CIFAR)."
-    register_model(name)(build)
+@register_model
+def wrn_16_1(num_classes: int = 100, **kwargs) -> WideResNet:
+    """WRN-16-1 (CIFAR): depth 16, widen factor 1."""
+    return WideResNet(16, 1, num_classes, **kwargs)
 
 
-for _depth, _widen in ((16, 1), (16, 2), (40, 1), (40, 2), (16, 10)):
-    _register(_depth, _widen)
+@register_model
+def wrn_16_2(num_classes: int = 100, **kwargs) -> WideResNet:
+    """WRN-16-2 (CIFAR): depth 16, widen factor 2."""
+    return WideResNet(16, 2, num_classes, **kwargs)
+
+
+@register_model
+def wrn_40_1(num_classes: int = 100, **kwargs) -> WideResNet:
+    """WRN-40-1 (CIFAR): depth 40, widen factor 1."""
+    return WideResNet(40, 1, num_classes, **kwargs)
+
+
+@register_model
+def wrn_40_2(num_classes: int = 100, **kwargs) -> WideResNet:
+    """WRN-40-2 (CIFAR): depth 40, widen factor 2."""
+    return WideResNet(40, 2, num_classes, **kwargs)
+
+
+@register_model
+def wrn_16_10(num_classes: int = 100, **kwargs) -> WideResNet:
+    """WRN-16-10 (CIFAR): depth 16, widen factor 10."""
+    return WideResNet(16, 10, num_classes, **kwargs)

@@ -1,4 +1,7 @@
-"""Atomic checkpoints and pretrained-weight loading."""
+"""Atomic checkpoints, and RNG states that survive loading onto a device."""
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -28,27 +31,27 @@ def test_load_errors_name_the_file(tmp_path):
         ckpt.load(junk)
 
 
-def test_load_pretrained_accepts_plain_and_kdengine_checkpoints(tmp_path):
-    src, dst = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    plain = tmp_path / "plain.pt"
-    torch.save(src.state_dict(), plain)
-    ckpt.load_pretrained(dst, str(plain), None, default_index=0)
-    assert torch.equal(dst.weight, src.weight)
-    other = torch.nn.Linear(3, 2)
-    run = tmp_path / "run.pt"
-    torch.save({"config": {}, "models": [other.state_dict(), src.state_dict()]}, run)
-    ckpt.load_pretrained(dst, str(run), 0, default_index=1)
-    assert torch.equal(dst.weight, other.weight)
-    ckpt.load_pretrained(dst, str(run), None, default_index=1)
-    assert torch.equal(dst.weight, src.weight)
-    with pytest.raises(ValueError, match="out of range"):
-        ckpt.load_pretrained(dst, str(run), 5, default_index=0)
-    with pytest.raises(ValueError, match="do not fit Linear"):
-        ckpt.load_pretrained(torch.nn.Linear(4, 2), str(plain), None, default_index=0)
-
-
 def test_rng_state_round_trip():
     state = ckpt.rng_state()
     a = torch.rand(3)
     ckpt.set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
+
+
+def test_rng_states_load_on_the_cpu_whatever_the_device(tmp_path, monkeypatch):
+    """A CUDA run's checkpoint holds CPU ByteTensors for every GPU's RNG; loading it onto the run's
+    device must leave them on the CPU, where torch.cuda.set_rng_state_all wants them. "meta" stands
+    for the device here: it is where map_location sends tensors without needing a GPU."""
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+           "cuda": [torch.get_rng_state().clone(), torch.get_rng_state().clone()]}  # as get_rng_state_all gives
+    path = ckpt.save_atomic({"rng": rng}, tmp_path / "checkpoint.pt")
+    state = ckpt.load(path, map_location="meta")
+    for tensor in [state["rng"]["torch"], *state["rng"]["cuda"]]:
+        assert tensor.device.type == "cpu" and tensor.dtype == torch.uint8
+    assert torch.equal(state["rng"]["cuda"][1], rng["cuda"][1])
+
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", got.append)
+    ckpt.set_rng_state(state["rng"])
+    assert len(got) == 1 and all(s.device.type == "cpu" and s.dtype == torch.uint8 for s in got[0])

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from kdengine.engine.config import ConfigError, ExperimentConfig, load_config, parse_override
+from kdengine.data import LOADER_PIPELINES
+from kdengine.engine.config import DATA_RECIPES, ConfigError, ExperimentConfig, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -80,8 +81,13 @@ def test_bad_values_name_the_key(override, pattern):
         load_config(overrides=[override])
 
 
+def test_every_data_recipe_has_its_loader_pipelines():
+    for recipe in DATA_RECIPES:
+        assert f"{recipe}_train" in LOADER_PIPELINES and f"{recipe}_val" in LOADER_PIPELINES
+
+
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="^config file .*nope.yaml: no such file"):
         load_config(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")

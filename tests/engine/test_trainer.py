@@ -6,8 +6,9 @@ import signal
 import pytest
 import torch
 
-from kdengine.engine import NonFiniteLossError, Trainer, load_config
+from kdengine.engine import NonFiniteLossError, RunStatus, Trainer, load_config
 from kdengine.engine import checkpoint as ckpt
+from kdengine.engine.evaluate import evaluate_checkpoint
 
 
 def _train(overrides, **kw):
@@ -44,6 +45,10 @@ def test_a_run_writes_its_directory(tiny):
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,split,step")
     state = ckpt.load(run / "checkpoint.pt")
     assert state["epoch"] == 2 and state["step_in_epoch"] == 0
+    # `kdengine eval` sets the run up as training did: the same numbers as the last evaluation
+    evaluated = evaluate_checkpoint(run / "checkpoint.pt")
+    assert evaluated["tags"] == trainer.tags and evaluated["epoch"] == 2
+    assert evaluated["metrics"] == pytest.approx({k: v for k, v in val[-1].items() if "/" in k}, rel=1e-6)
 
 
 def test_runs_are_deterministic_and_resume_exactly(tiny):
@@ -57,7 +62,7 @@ def test_runs_are_deterministic_and_resume_exactly(tiny):
     resumed, summary = _train(tiny + ["train.run_name=c", "train.resume=auto"])
     assert summary["status"] == "completed" and summary["global_step"] == 2 * full.steps_per_epoch
     _assert_same_weights(_weights(full), _weights(resumed))
-    records = [json.loads(l) for l in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["split"]) for r in records] == [(0, "train"), (0, "val"), (1, "train"), (1, "val")]
 
 
@@ -78,6 +83,24 @@ def test_ctrl_c_saves_and_resume_continues(tiny, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed, summary = _train(tiny + ["train.run_name=int", "train.resume=auto"])
     assert summary["status"] == "completed" and summary["global_step"] == 2 * resumed.steps_per_epoch
+
+
+def test_request_stop_ends_the_run_after_the_current_step(tiny, monkeypatch):
+    trainer = Trainer(load_config(overrides=tiny + ["train.run_name=stop"]), progress=False)
+    step = trainer.train_step
+
+    def step_then_stop(*args):
+        out = step(*args)
+        if trainer.global_step == 1:  # inside the second step (the count moves on after it)
+            trainer.request_stop()
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_then_stop)
+    summary = trainer.fit()
+    assert summary["status"] is RunStatus.INTERRUPTED and summary["global_step"] == 2
+    assert json.loads(json.dumps(summary))["status"] == "interrupted" == f"{summary['status']}"
+    state = ckpt.load(trainer.run_dir / "checkpoint.pt")
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, monkeypatch):
@@ -112,7 +135,7 @@ def test_offline_teacher_needs_weights_and_stays_frozen(tiny):
 
 def test_existing_run_is_not_overwritten(tiny):
     _train(tiny + ["train.run_name=same", "train.max_steps=1"])
-    with pytest.raises(FileExistsError, match="--resume auto"):
+    with pytest.raises(FileExistsError, match="train.resume=auto"):
         Trainer(load_config(overrides=tiny + ["train.run_name=same"]), progress=False)
 
 

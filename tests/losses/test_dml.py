@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdengine.losses import DMLLoss
+from kdengine.losses import DMLLoss, mutual_kl
 
 
 def test_two_models_match_eq_2_to_4():
@@ -35,3 +35,24 @@ def test_bad_input():
         DMLLoss()([torch.randn(2, 3)], torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="one shape"):
         DMLLoss()([torch.randn(2, 3), torch.randn(2, 4)], torch.zeros(2, dtype=torch.long))
+
+
+def test_mutual_kl_is_dmlloss_distillation_term_and_takes_gates():
+    zs = [torch.randn(4, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    y = torch.randint(0, 5, (4,))
+    p = [torch.softmax(z.detach() / 2, 1) for z in zs]
+    kl = lambda m, n: 4 * (p[n] * (p[n].log() - torch.log_softmax(zs[m] / 2, 1))).sum(1).mean()  # noqa: E731
+    terms = mutual_kl(zs, 2.0)
+    for m in range(3):
+        torch.testing.assert_close(terms[m], sum(kl(m, n) for n in range(3) if n != m) / 2)
+    # DMLLoss is CE + weight * mutual_kl, model by model
+    for t, k, z in zip(DMLLoss(weight=0.5, temperature=2.0).per_model(zs, y), terms, zs):
+        torch.testing.assert_close(t, F.cross_entropy(z, y) + 0.5 * k)
+    # a gate scales one (model, other) term before the average; the others are untouched
+    g = torch.tensor(0.0, dtype=torch.float64)
+    gated = mutual_kl(zs, 2.0, {(0, 1): g})
+    torch.testing.assert_close(gated[0], kl(0, 2) / 2)
+    torch.testing.assert_close(gated[1], terms[1])
+    # the other models' predictions are targets: no gradient flows into them
+    (g1,) = torch.autograd.grad(terms[0], [zs[1]], allow_unused=True)
+    assert g1 is None or g1.abs().max() == 0

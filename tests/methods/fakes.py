@@ -12,10 +12,13 @@ NUM_CLASSES = 7
 
 class FakeNet(KDModel):
     """``len(channels)`` conv stages (stride 2 after the first), features before each stage's
-    final ReLU, global average pool of the last ReLU into a linear ``head``."""
+    final ReLU, global average pool of the last ReLU into a linear ``head``. ``hints=True``: the
+    output lists ``hints`` too, ``2 * features[i]`` (not ``relu(features[i])``, so a test can tell
+    which one a method used)."""
 
-    def __init__(self, channels=(4, 8, 8), num_classes=NUM_CLASSES, in_channels=3):
+    def __init__(self, channels=(4, 8, 8), num_classes=NUM_CLASSES, in_channels=3, hints=False):
         super().__init__()
+        self.hints = hints
         self.stage_channels = tuple(channels)
         self.num_classes = num_classes
         convs, c_in = [], in_channels
@@ -35,7 +38,7 @@ class FakeNet(KDModel):
             x = conv(x)
             feats.append(x)
             x = F.relu(x)
-        return ModelOutput(self.fc(x.mean((2, 3))), feats)
+        return ModelOutput(self.fc(x.mean((2, 3))), feats, [2 * f for f in feats] if self.hints else None)
 
 
 def batch(b=6, size=8, num_classes=NUM_CLASSES, seed=0):
@@ -57,17 +60,20 @@ def run(models, trainable, x):
     return outs
 
 
-def random_outputs(channel_lists, b=4, sizes=(8, 4, 2, 1), num_classes=NUM_CLASSES, seed=1, dtype=torch.float64):
-    """ModelOutputs of fixed random leaves (logits [B, K], features [B, C_i, H_i, H_i])."""
+def random_outputs(channel_lists, b=4, sizes=(8, 4, 2, 1), num_classes=NUM_CLASSES, seed=1, dtype=torch.float64,
+                   hints=()):
+    """ModelOutputs of fixed random leaves (logits [B, K], features [B, C_i, H_i, H_i]); the
+    outputs whose index is in ``hints`` list random ``hints`` leaves of the features' shapes too."""
     g = torch.Generator().manual_seed(seed)
     outs = []
-    for channels in channel_lists:
+    for m, channels in enumerate(channel_lists):
         logits = (2 * torch.randn(b, num_classes, generator=g, dtype=dtype)).requires_grad_()
-        feats = [
-            torch.randn(b, c, s, s, generator=g, dtype=dtype).requires_grad_()
-            for c, s in zip(channels, sizes)
-        ]
-        outs.append(ModelOutput(logits, feats))
+
+        def maps():
+            return [torch.randn(b, c, s, s, generator=g, dtype=dtype).requires_grad_() for c, s in zip(channels, sizes)]
+
+        feats = maps()
+        outs.append(ModelOutput(logits, feats, maps() if m in hints else None))
     return outs
 
 

@@ -143,3 +143,28 @@ def test_forward_checks_its_inputs():
     assert not m.needs_indices
     with pytest.raises(ValueError, match=r"model 0 logits must be \[B, 5\], got \(6, 7\)"):
         m(outs, y)
+
+
+def test_roles_are_defined_once_and_exported():
+    import kdengine.methods as methods
+    from kdengine.methods import base
+
+    assert methods.ROLES is base.ROLES == ("teacher", "student")
+    assert not hasattr(methods, "ADMTerms")
+
+
+@pytest.mark.parametrize(
+    "cls, roles, match",
+    [
+        ("DML", ("student",), r"DML: needs two or more models, got 1"),
+        ("KDCL", ("teacher",), r"KDCL: needs two or more models"),
+        ("SwitOKD", ("student", "student"), r"SwitOKD: needs at least one teacher and one student, got roles"),
+        ("Vanilla", ("techer",), r"Vanilla: unknown role\(s\) \['techer'\]"),
+        ("Vanilla", (), r"Vanilla: needs at least one model"),
+    ],
+)
+def test_each_method_checks_its_roles_when_built_directly(cls, roles, match):
+    import kdengine.methods as methods
+
+    with pytest.raises(ValueError, match=match):
+        getattr(methods, cls)(roles, 5)

@@ -1,13 +1,20 @@
 """Every registered model honours the KDModel contract; layouts, compile and autocast work."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdengine.models import KDModel, ModelOutput, count_parameters, create_model, list_models
+from kdengine.models import KDModel, ModelOutput, count_parameters, create_model, list_models, register_model
 
-IMAGENET = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2", "mobilenetv1"}
+IMAGENET = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2", "mobilenetv1", "mobilenetv2_100"}
+# Token models (ViT/DeiT, Swin, Mixer, ResMLP) and ConvNeXt: timm layouts whose features are not
+# "[B, C, H, W] before a ReLU"; tests/models/test_timm_layouts.py holds their contract tests.
+TIMM_LAYOUTS = {"deit_tiny_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_window7_224",
+                "swin_pico_patch4_window7_224", "swin_nano_patch4_window7_224", "mixer_b16_224", "convnext_tiny",
+                "resmlp_12_224"}
 # Seconds each on 2 CPU cores; a smaller sibling with the same code path stays in the fast set
 # (resnet8/14/20/8x4, wrn_16_1/16_2/40_1, vgg8/11/13, mobilenetv2_0_5, resnet18/50, ...).
 SLOW = {"resnet32", "resnet44", "resnet56", "resnet110", "resnet32x4", "wrn_40_2", "wrn_16_10", "vgg16",
@@ -20,19 +27,48 @@ def _input(name: str, batch: int = 2, imagenet_size: int = 64) -> torch.Tensor:
     return torch.randn(batch, 3, size, size)
 
 
-def _names():
-    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in list_models()]
+def _names(exclude=()):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in list_models() if n not in exclude]
 
 
 def test_registry_holds_every_family():
     expected = {f"resnet{d}" for d in (8, 14, 20, 32, 44, 56, 110)} | {"resnet8x4", "resnet32x4"}
     expected |= {"wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_16_10"}
     expected |= {f"vgg{d}" for d in (8, 11, 13, 16, 19)}
-    expected |= {"mobilenetv2", "mobilenetv2_0_5", "shufflenetv1", "shufflenetv2"} | IMAGENET
-    assert expected <= set(list_models())
+    expected |= {"mobilenetv2", "mobilenetv2_0_5", "shufflenetv1", "shufflenetv2", "resnet18_cifar", "resnet50_cifar"}
+    expected |= IMAGENET | TIMM_LAYOUTS
+    assert list_models() == sorted(expected)  # exactly these 41, each once
 
 
-@pytest.mark.parametrize("name", _names())
+def test_registry_names_are_the_constructors_names():
+    # one decorated function per model: ``grep "def resnet56"`` finds each registry name
+    families = [importlib.import_module(f"kdengine.models.{m}") for m in
+                ("cifar_resnet", "imagenet_resnet", "wrn", "vgg", "cifar_mobilenetv2", "shufflenet",
+                 "imagenet_mobilenet", "vit", "swin", "mlp_mixer", "resmlp", "convnext", "timm_mobilenetv2")]
+    for name in list_models():
+        ctors = [getattr(m, name) for m in families if callable(getattr(m, name, None))]
+        assert len(ctors) == 1 and ctors[0].__name__ == name, name
+
+
+def test_register_model_bare_and_named_reject_taken_names():
+    def resnet8(num_classes: int = 10):  # bare use: the function's name is the registry name
+        raise AssertionError("never built")
+
+    def vgg8(num_classes: int = 10):
+        raise AssertionError("never built")
+
+    def elsewhere(num_classes: int = 10):
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match="'resnet8' is registered twice"):
+        register_model(resnet8)
+    with pytest.raises(ValueError, match="'vgg8' is registered twice"):
+        register_model()(vgg8)  # called without a name: the function's name too
+    with pytest.raises(ValueError, match="'wrn_16_1' is registered twice"):
+        register_model("wrn_16_1")(elsewhere)  # an explicit name wins over the function's
+
+
+@pytest.mark.parametrize("name", _names(exclude=TIMM_LAYOUTS))
 def test_contract_forward_backward(name):
     model = create_model(name, num_classes=NUM_CLASSES)
     assert isinstance(model, KDModel) and model.num_classes == NUM_CLASSES
@@ -48,6 +84,8 @@ def test_contract_forward_backward(name):
         assert f.shape[:2] == (2, c)
         sizes.append(f.shape[-1])
     assert sizes == sorted(sizes, reverse=True), sizes  # resolution never grows along the list
+    if out.hints is not None:  # FitNet's taps: one per feature, same shapes
+        assert [h.shape for h in out.hints] == [f.shape for f in out.features]
     # the head maps the GAP of relu(last feature) to the logits (what ADM's pooled path relies on)
     pooled = F.relu(out.features[-1]).mean(dim=(2, 3))
     torch.testing.assert_close(model.head(pooled), out.logits, rtol=1e-4, atol=1e-4)

@@ -25,8 +25,8 @@ def sources(pattern: str) -> list:
 
 
 def want_cuda() -> bool:
-    from torch.utils.cpp_extension import CUDA_HOME
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME
 
     if os.environ.get("KDENGINE_SKIP_CUDA") == "1":
         return False

@@ -9,7 +9,9 @@
 # CUDAExtension passes (no implicit half / bfloat16 conversions) are set.
 #
 # Environment: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), JOBS (parallel
-# compilations, default: number of CPUs).
+# compilations, default: number of CPUs), KDENGINE_REQUIRE_NVCC (1: a missing nvcc fails, as in
+# CI; otherwise the check is skipped with a message, so `make test` runs the suite on machines
+# without the CUDA toolkit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,9 +20,13 @@ if [[ -z "${NVCC:-}" ]]; then
     NVCC=nvcc
   elif [[ -x /usr/local/cuda/bin/nvcc ]]; then
     NVCC=/usr/local/cuda/bin/nvcc
-  else
-    echo "check_cuda_kernels: nvcc not found (install the CUDA toolkit or set NVCC=...)" >&2
+  elif [[ "${KDENGINE_REQUIRE_NVCC:-0}" == 1 ]]; then
+    echo "check_cuda_kernels: nvcc not found and KDENGINE_REQUIRE_NVCC=1 (install the CUDA toolkit or set NVCC=...)" >&2
     exit 1
+  else
+    echo "check_cuda_kernels: skipped: nvcc not found (install the CUDA toolkit or set NVCC=...;" \
+         "KDENGINE_REQUIRE_NVCC=1 makes this an error)"
+    exit 0
   fi
 fi
 JOBS=${JOBS:-$(nproc)}

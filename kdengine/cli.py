@@ -2,92 +2,73 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 
-REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+
+def _flag(setting: str) -> str:
+    """A library setting as its command-line flag: ``jpeg_quality`` -> ``--jpeg-quality``."""
+    return "--" + setting.replace("_", "-")
+
+
+def _error_text(exc: BaseException, args, positionals: tuple = ()) -> str:
+    """A library error as the command line words it: a setting the command has as a flag is named
+    by the flag; the data writers' hints name the flags that act on them."""
+    from .data import OutputExistsError, UnreadableImageError
+    from .errors import SettingError
+
+    if isinstance(exc, SettingError) and exc.setting in vars(args) and exc.setting not in positionals:
+        return f"{_flag(exc.setting)} {exc.problem}"
+    if isinstance(exc, OutputExistsError):
+        return f"{exc.path} exists; pass --overwrite to replace it"
+    if isinstance(exc, UnreadableImageError):
+        return (f"unreadable image {exc.path} ({exc.reason}); {len(exc.skipped)} in all; "
+                "--on-error skip leaves them out")
+    return str(exc)
+
+
+# ------------------------------------------------------------------------------ kdengine info / bench
 
 
 def _cmd_info(args) -> int:
-    import platform
-
-    import torch
     from rich.console import Console
     from rich.table import Table
 
-    from . import __version__, _extension
+    from .info import report
 
     table = Table(title="kdengine", show_header=False)
-    table.add_row("kdengine", __version__)
-    table.add_row("python", platform.python_version())
-    table.add_row("torch", torch.__version__)
-    built = _extension.BUILD_INFO
-    if _extension.LOAD_ERROR:
-        table.add_row("extension", f"not loaded: {_extension.LOAD_ERROR} (ops use the reference)")
-    else:
-        table.add_row("extension", f"kdengine._C {built['version']} built against torch {built['torch_version']}")
-        table.add_row("compiled backends", ", ".join(built["backends"]))
-        if built["cuda_archs"]:
-            table.add_row("CUDA archs", built["cuda_archs"])
-    table.add_row("CPU threads", str(torch.get_num_threads()))
-    if _extension.HAS_CPU_OPS:
-        limit = os.environ.get("KDENGINE_CPU_BUFFER_CACHE_MB", "1024")
-        held = _extension._C.cpu_buffer_cache_bytes() / 2**20
-        table.add_row("CPU buffer cache", f"{held:.0f} of {limit} MiB held (KDENGINE_CPU_BUFFER_CACHE_MB)")
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            table.add_row(f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
-    else:
-        table.add_row("CUDA devices", f"none (torch CUDA build: {torch.version.cuda or 'no'})")
-    if _extension.HAS_TRITON:
-        import triton
-
-        table.add_row("triton", triton.__version__)
-    else:
-        table.add_row("triton", "not installed")
-    table.add_row("ffcv", "installed" if importlib.util.find_spec("ffcv") else "not installed")
+    for name, value in report():
+        table.add_row(name, value)
     Console().print(table)
     return 0
 
 
+def _csv_list(value):
+    return value.split(",") if value else None
+
+
+def _output(args, suite: str):
+    """The CSV a bench run appends to: --output, else the library's default; None with --no-save."""
+    from .bench.results import default_output
+
+    return None if args.no_save else (args.output or default_output(suite))
+
+
 def _cmd_bench_ops(args) -> int:
-    import torch
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .bench import ops as bench_ops
+    from .errors import SettingError
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    ]
-    available = bench_ops.available_providers(device)
-    providers = args.providers.split(",") if args.providers else available
-    unknown = [p for p in providers if p not in available]
-    if unknown:
-        print(f"kdengine bench ops: providers {unknown} are not available on {device} "
-              f"(available: {available})", file=sys.stderr)
+    try:
+        config = bench_ops.make_config(
+            device=args.device, dtype=args.dtype, cases=_csv_list(args.cases), ops=_csv_list(args.ops),
+            providers=_csv_list(args.providers), modes=_csv_list(args.modes), repeat=args.repeat,
+            channels_last=args.channels_last, output=_output(args, "ops"))
+    except SettingError as exc:
+        print(f"kdengine bench ops: error: {_error_text(exc, args)}", file=sys.stderr)
         return 2
-    config = bench_ops.BenchConfig(
-        device=device,
-        dtype=dtype,
-        cases=args.cases.split(",") if args.cases else list(bench_ops.CASES),
-        ops=args.ops.split(",") if args.ops else list(bench_ops.OPS),
-        providers=providers,
-        modes=args.modes.split(",") if args.modes else list(bench_ops.MODES),
-        repeat=args.repeat,
-        channels_last=args.channels_last,
-        output=None if args.no_save else args.output,
-    )
-    for name, values, valid in (("cases", config.cases, bench_ops.CASES), ("ops", config.ops, bench_ops.OPS),
-                                ("modes", config.modes, bench_ops.MODES)):
-        bad = [v for v in values if v not in valid]
-        if bad:
-            print(f"kdengine bench ops: unknown {name} {bad}; valid: {list(valid)}", file=sys.stderr)
-            return 2
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn()) as progress:
         rows = bench_ops.run(config, progress)
@@ -105,9 +86,6 @@ def _cmd_bench_ops(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ kdengine bench data
-
-
 def _cmd_bench_data(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -115,15 +93,15 @@ def _cmd_bench_data(args) -> int:
 
     from .bench import data as bench_data
 
-    config = bench_data.DataBenchConfig(
-        num_images=args.num_images, workers=args.workers, batch_size=args.batch_size, epochs=args.epochs,
-        write_mode=args.write_mode, root=args.cache_root, output=None if args.no_save else args.output)
     try:
+        config = bench_data.DataBenchConfig(
+            num_images=args.num_images, workers=args.workers, batch_size=args.batch_size, epochs=args.epochs,
+            write_mode=args.write_mode, cache_root=args.cache_root, output=_output(args, "data"))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn()) as progress:
             rows = bench_data.run(config, progress)
     except (ImportError, OSError, ValueError) as exc:
-        print(f"kdengine bench data: error: {exc}", file=sys.stderr)
+        print(f"kdengine bench data: error: {_error_text(exc, args)}", file=sys.stderr)
         return 1
     r0 = rows[0]
     table = Table(title=f"kdengine bench data: RandomResizedCrop {bench_data.RESOLUTION} + flip, "
@@ -147,73 +125,146 @@ def _cmd_bench_data(args) -> int:
     return 0
 
 
-def _add_bench_data_parser(bench_sub) -> None:
+def _cmd_bench_step(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .bench import step as bench_step
+    from .errors import SettingError
+
+    try:
+        config = bench_step.make_config(
+            device=args.device, cases=_csv_list(args.cases), methods=_csv_list(args.methods),
+            providers=_csv_list(args.providers), repeat=args.repeat, steps_per_window=args.steps_per_window,
+            warmup=args.warmup, batch=args.batch, output=_output(args, "step"))
+        if args.profile:
+            bench_step.make_config(device=args.device, cases=[args.profile], methods=config.methods[:1])
+    except SettingError as exc:
+        print(f"kdengine bench step: error: {_error_text(exc, args)}", file=sys.stderr)
+        return 2
+    if args.profile:
+        print(f"torch.profiler: the kdengine step of {args.profile} ({config.methods[0]}) on {config.device}")
+        print(bench_step.profile_step(args.profile, config.methods[0], config.device))
+        return 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn()) as progress:
+        rows = bench_step.run(config, progress)
+    r0 = rows[0]
+    table = Table(title=f"kdengine bench step on {r0['device_name']} (torch {r0['torch_version']}, commit "
+                        f"{r0['commit']}, {r0['threads']} threads)")
+    for col in ("case", "method", "provider", "dtype/layout", "ms/step", "p20-p80", "img/s", "x fp32", "x bf16",
+                "MFU %", "step MB"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["case"], r["method"], r["provider"], f"{r['dtype']}/{r['layout']}"
+                      + (" graph" if r["cuda_graph"] else ""), f"{r['median_ms_per_step']:.1f}",
+                      f"{r['p20_ms_per_step']:.1f}-{r['p80_ms_per_step']:.1f}", f"{r['img_per_s']:.0f}",
+                      str(r["speedup_vs_eager_fp32"]), str(r["speedup_vs_eager_bf16"]), f"{r['mfu_pct']:.1f}",
+                      str(r["step_peak_mem_mb"]))
+    Console(width=max(160, Console().width)).print(table)
+    if config.output:
+        print(f"appended {len(rows)} rows to {config.output}")
+    return 0
+
+
+def _add_bench_parsers(sub) -> None:
+    from .bench import ops as bench_ops
+    from .bench.results import DEFAULT_DIR
+    from .data import WRITE_MODES
+
+    bench = sub.add_parser("bench", help="microbenchmarks against the baselines")
+    bench_sub = bench.add_subparsers(dest="suite", required=True)
+    bops = bench_sub.add_parser(
+        "ops", help="ADM ops and ADMLoss: reference eager / torch.compile vs cpu, cuda, triton kernels",
+        description="Times forward, backward and forward+backward of the ADM ops and the whole ADMLoss; "
+                    f"appends one row per measurement to --output (default: {DEFAULT_DIR}/ops.csv in the "
+                    "current directory).",
+    )
+    bops.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    bops.add_argument("--dtype", choices=list(bench_ops.DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    bops.add_argument("--cases", help=f"comma-separated: {', '.join(bench_ops.CASES)} (default: all)")
+    bops.add_argument("--ops", help=f"comma-separated: {', '.join(bench_ops.OPS)} (default: all)")
+    bops.add_argument("--providers", help=f"comma-separated: {', '.join(bench_ops.PROVIDERS)} "
+                                          "(default: all available)")
+    bops.add_argument("--modes", help=f"comma-separated: {', '.join(bench_ops.MODES)} (default: all)")
+    bops.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (default: 10)")
+    bops.add_argument("--channels-last", action="store_true", help="features in channels_last")
+    bops.add_argument("--output", help=f"CSV to append to (default: {DEFAULT_DIR}/ops.csv in the current directory)")
+    bops.add_argument("--no-save", action="store_true", help="print only, append nothing")
+    bops.set_defaults(func=_cmd_bench_ops)
+
+    from .bench import step as bench_step
+
+    bstep = bench_sub.add_parser(
+        "step", help="whole training steps: eager fp32 / eager bf16 / torch.compile vs the kdengine step",
+        description="Images per second of whole teacher-student training steps (forwards, losses, backward, "
+                    "optimizer) for DML+ADM and KD+ADM, the providers interleaved: eager-fp32 (the public KD "
+                    "codebases' loop, Algorithm 1's unfused ADM), eager-bf16 (autocast, channels_last), compile "
+                    "(torch.compile of the forwards and losses) and kdengine (fused ops; on CUDA bf16 "
+                    "channels_last and the captured graph). Reports MFU and the step's peak memory; appends one "
+                    f"row per measurement to --output (default: {DEFAULT_DIR}/step.csv in the current directory).")
+    bstep.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    bstep.add_argument("--cases", help=f"comma-separated: {', '.join(bench_step.CASES)} (default: "
+                                       f"{', '.join(bench_step.DEFAULT_CASES['cpu'])} on the CPU, all on CUDA)")
+    bstep.add_argument("--methods", help=f"comma-separated: {', '.join(bench_step.METHODS)} (default: both)")
+    bstep.add_argument("--providers", help=f"comma-separated: {', '.join(bench_step.PROVIDERS)} (default: all)")
+    bstep.add_argument("--repeat", type=int, default=5, help="timed windows per provider (default: 5)")
+    bstep.add_argument("--steps-per-window", type=int, default=5, help="steps in one timed window (default: 5)")
+    bstep.add_argument("--warmup", type=int, default=4, help="untimed steps per provider first (default: 4)")
+    bstep.add_argument("--batch", type=int, help="batch size for every case (default: each case's own)")
+    bstep.add_argument("--profile", metavar="CASE",
+                       help="instead of timing: print torch.profiler's operator table of the kdengine step of CASE")
+    bstep.add_argument("--output", help=f"CSV to append to (default: {DEFAULT_DIR}/step.csv in the current directory)")
+    bstep.add_argument("--no-save", action="store_true", help="print only, append nothing")
+    bstep.set_defaults(func=_cmd_bench_step)
+
     bdata = bench_sub.add_parser(
         "data", help="FFCV ImageNet pipeline vs PIL + torch DataLoader, images per second",
         description="Images per second of the FFCV ImageNet training pipeline (RandomResizedCrop 224 + flip, "
                     "normalised float32 NCHW batches on the CPU) against PIL + torch.utils.data.DataLoader "
                     "doing the same with the same number of workers, on a generated ImageNet-like set of "
                     "JPEGs (cached under the kdengine cache dir). One warm-up epoch each, then --epochs "
-                    "timed epochs each, in alternation. Appends one row per loader to "
-                    "benchmarks/results/data.csv.")
+                    "timed epochs each, in alternation. Appends one row per loader to --output (default: "
+                    f"{DEFAULT_DIR}/data.csv in the current directory).")
     bdata.add_argument("--num-images", type=int, default=3000, help="JPEGs in the generated set (default: 3000)")
     bdata.add_argument("--workers", type=int, default=0,
                        help="worker processes (DataLoader) and threads (FFCV), the same for both "
                             "(default: 0 = all CPU cores)")
     bdata.add_argument("--batch-size", type=int, default=64, help="default: 64")
     bdata.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (default: 5)")
-    bdata.add_argument("--write-mode", choices=["jpg", "proportion", "raw"], default="jpg",
+    bdata.add_argument("--write-mode", choices=WRITE_MODES, default="jpg",
                        help="how the .beton stores the images: jpg (default: JPEG like the baseline's files), "
-                            "proportion (half raw, ffcv-imagenet's setting), raw")
+                            "proportion (half raw, ffcv-imagenet's setting), raw, smart")
     bdata.add_argument("--cache-root", help="where the image set and .beton are kept (default: the kdengine "
                                             "cache dir, $KDENGINE_CACHE or ~/.cache/kdengine)")
-    bdata.add_argument("--output", default=os.path.join(REPO_RESULTS, "data.csv"), help="CSV to append to")
+    bdata.add_argument("--output", help=f"CSV to append to (default: {DEFAULT_DIR}/data.csv in the current directory)")
     bdata.add_argument("--no-save", action="store_true", help="print only, append nothing")
     bdata.set_defaults(func=_cmd_bench_data)
 
 
-# ------------------------------------------------------------------------------ kdengine data
+# ------------------------------------------------------------------------------ kdengine data write
 
 
 def _cmd_data_write(args) -> int:
     """``kdengine data write SOURCE_FORMAT ...``: the work is kdengine.data.write's; errors are
     one line on stderr and exit code 1 (argparse's own usage errors exit 2)."""
+
+    from .data import write as data_write
+
     prog = f"kdengine data write {args.source_format}"
+    options = data_write.WriteOptions(
+        write_mode=args.write_mode, compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
+        num_workers=args.num_workers, chunk_size=args.chunk_size, overwrite=args.overwrite)
+    settings = {name: getattr(args, name) for name in data_write.SOURCE_ARGS[args.source_format]}
     try:
-        from .data import write as data_write
-
-        options = data_write.WriteOptions(
-            write_mode=args.write_mode, compress_probability=args.compress_probability,
-            jpeg_quality=args.jpeg_quality, num_workers=args.num_workers, chunk_size=args.chunk_size,
-            overwrite=args.overwrite)
-        if args.source_format == "embedded":
-            source = dict(split=args.split, size=args.size, num_classes=args.num_classes,
-                          per_class=args.per_class, seed=args.seed)
-        elif args.source_format == "cifar":
-            source = dict(source=args.source, split=args.split)
-        else:
-            source = dict(source=args.source, max_resolution=args.max_resolution, on_error=args.on_error)
-        data_write.prepare(args.source_format, args.output, options, **source)  # all checks, before long work
-        if args.source_format == "embedded":
-            print(f"{prog}: generating the {args.split} split ({args.num_classes} classes, "
-                  f"{args.size}x{args.size} px, seed {args.seed})", file=sys.stderr)
-            result = data_write.write_embedded_split(args.output, options=options, **source)
-        elif args.source_format == "cifar":
-            result = data_write.write_cifar_split(args.output, options=options, **source)
-        else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            with Progress(TextColumn("checking images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          transient=False) as bar:
-                task = bar.add_task("check", total=None)
-                result = data_write.write_image_folder_tree(
-                    args.output, options=options, **source,
-                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        with _StageBars() as progress:
+            result = data_write.write(args.source_format, args.output, options, progress=progress, **settings)
     except ImportError as exc:
         print(f"{prog}: error: {exc} (FFCV is needed: pip install 'kdengine[ffcv]')", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:  # missing source, existing output, bad values, bad files
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {_error_text(exc, args, positionals=('source', 'output'))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {args.output} was not written", file=sys.stderr)
@@ -227,6 +278,33 @@ def _cmd_data_write(args) -> int:
     print(f"wrote {result.samples} samples to {result.path} ({data_write.format_size(result.size_bytes)}, "
           f"write mode {result.write_mode}) in {result.seconds:.1f} s")
     return 0
+
+
+class _StageBars:
+    """``progress(stage, done, total)`` for a library call: one rich bar per stage, shown from the
+    first report on, so that nothing is drawn when a check fails before any long work."""
+
+    def __init__(self):
+        self._bars = None
+        self._tasks = {}
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self._bars is None:
+            self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn())
+            self._bars.start()
+        if stage not in self._tasks:
+            self._tasks[stage] = self._bars.add_task(stage, total=total)
+        self._bars.update(self._tasks[stage], completed=done, total=total)
+
+    def __exit__(self, *exc_info):
+        if self._bars is not None:
+            self._bars.stop()
 
 
 _DATA_WRITE_EPILOG = """\
@@ -244,10 +322,11 @@ Errors are one line on stderr and exit code 1.
 
 
 def _add_write_options(parser: argparse.ArgumentParser, source_format: str) -> None:
+    from .data import WRITE_MODES
     from .data.write import DEFAULT_WRITE_MODE
 
     g = parser.add_argument_group("image encoding and writing (FFCV RGBImageField / DatasetWriter)")
-    g.add_argument("--write-mode", choices=["raw", "jpg", "proportion", "smart"],
+    g.add_argument("--write-mode", choices=WRITE_MODES,
                    help="raw: uncompressed pixels (bit-exact, fastest to decode, largest); jpg: every image "
                         "JPEG; proportion: JPEG with probability --compress-probability; smart: FFCV's "
                         "per-image choice, which in FFCV 1.0.2 without a size threshold writes raw "
@@ -316,10 +395,7 @@ def _add_data_parser(sub) -> None:
         p.set_defaults(func=_cmd_data_write)
 
 
-# ------------------------------------------------------------------------------ parser
-
-
-# ------------------------------------------------------------------ train / eval / viz
+# ------------------------------------------------------------------------------ kdengine train / eval / viz
 
 
 def _results_table(title: str, tags, names, roles, last: dict, best: dict | None = None):
@@ -434,8 +510,10 @@ def _add_train_parsers(sub) -> None:
     train.add_argument("--config", help="experiment YAML (e.g. configs/...); default: the embedded default")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. optim.lr=0.05 models.1.name=resnet8 method.options.adm.beta=0.1")
-    train.add_argument("--method", help="method.name, e.g. vanilla, dml, dml+adm, kd+adm (see kdengine.methods.list_methods)")
-    train.add_argument("--resume", help="'auto' (continue the run directory's last checkpoint if any) or a checkpoint path")
+    train.add_argument("--method",
+                       help="method.name, e.g. vanilla, dml, dml+adm, kd+adm (see kdengine.methods.list_methods)")
+    train.add_argument("--resume",
+                       help="'auto' (continue the run directory's last checkpoint if any) or a checkpoint path")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
     train.add_argument("--epochs", type=int, help="train.epochs")
     train.add_argument("--output-dir", help="parent of run directories (train.output_dir, default runs)")
@@ -456,38 +534,20 @@ def _add_train_parsers(sub) -> None:
     viz.set_defaults(func=_cmd_viz)
 
 
+# ------------------------------------------------------------------------------ parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdengine",
-        description="kdengine: knowledge distillation with fused kernels. "
-                    "Commands: train, eval, viz, data, bench, info. Start with `kdengine train` (the embedded default).",
+        description="kdengine: knowledge distillation with fused kernels. Commands: train, eval, viz, data, "
+                    "bench, info. Start with `kdengine train` (the embedded default).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="versions, devices, compiled backends, Triton and FFCV")
     info.set_defaults(func=_cmd_info)
-
-    bench = sub.add_parser("bench", help="microbenchmarks against the baselines")
-    bench_sub = bench.add_subparsers(dest="suite", required=True)
-    bops = bench_sub.add_parser(
-        "ops", help="ADM ops and ADMLoss: reference eager / torch.compile vs cpu, cuda, triton kernels",
-        description="Times forward, backward and forward+backward of the ADM ops and the whole ADMLoss; "
-                    "appends one row per measurement to benchmarks/results/ops.csv.",
-    )
-    bops.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    bops.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on CUDA")
-    bops.add_argument("--cases", help="comma-separated: imagenet_r34_r18, cifar_r32x4_r8x4, seg_512x64x128 (default: all)")
-    bops.add_argument("--ops", help="comma-separated: adm_loss, adm_pool, feature_mse, cosine_similarity_map (default: all)")
-    bops.add_argument("--providers", help="comma-separated: reference-eager, reference-compile, cpu, cuda, triton "
-                                          "(default: all available)")
-    bops.add_argument("--modes", help="comma-separated: fwd, bwd, fwdbwd (default: all)")
-    bops.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (default: 10)")
-    bops.add_argument("--channels-last", action="store_true", help="features in channels_last")
-    bops.add_argument("--output", default=os.path.join(REPO_RESULTS, "ops.csv"), help="CSV to append to")
-    bops.add_argument("--no-save", action="store_true", help="print only, append nothing")
-    bops.set_defaults(func=_cmd_bench_ops)
-    _add_bench_data_parser(bench_sub)
-
+    _add_bench_parsers(sub)
     _add_data_parser(sub)
     _add_train_parsers(sub)
     return parser

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("ffcv", reason="FFCV is installed by `make test`; install the [ffcv] extra")
-from PIL import Image  # noqa: E402
-
 from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from kdengine import cli  # noqa: E402
 from kdengine.data import EmbeddedSpec, generate  # noqa: E402
@@ -135,7 +134,9 @@ def test_write_imagefolder_max_resolution_and_jpeg(tmp_path, capsys):
     (["imagefolder", "{tmp}/missing", "{tmp}/o.beton"], ["missing", "is not a directory"]),
     (["embedded", "{tmp}/o.beton", "--jpeg-quality", "0"], ["--jpeg-quality"]),
     (["embedded", "{tmp}/o.beton", "--compress-probability", "1.5"], ["--compress-probability"]),
-    (["embedded", "{tmp}/o.beton", "--num-classes", "11"], ["num_classes"]),
+    (["embedded", "{tmp}/o.beton", "--num-classes", "11"], ["--num-classes must be in 1..10"]),
+    (["embedded", "{tmp}/o.beton", "--per-class", "0"], ["--per-class must be at least 1"]),
+    (["imagefolder", "{tmp}", "{tmp}/o.beton", "--max-resolution", "0"], ["--max-resolution"]),
     (["embedded", "{tmp}/o.beton", "--chunk-size", "0"], ["--chunk-size"]),
     (["embedded", "{tmp}"], ["is a directory"]),
 ])

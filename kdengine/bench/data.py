@@ -2,7 +2,7 @@
 loader a user would otherwise write (PIL decode + RandomResizedCrop + flip in a
 ``torch.utils.data.DataLoader``), with the same number of workers, on the same ImageNet-like JPEGs.
 
-The comparison (DESIGN.md "Performance targets": data, >= 3x img/s):
+The comparison (the data-loading row of docs/performance.md):
 
 * **image set**: ``num_images`` JPEGs at quality 90, sizes drawn around 400x350 (300-500 wide,
   260-440 high, like ImageNet's average), ten class folders; photo-like content (smooth colour
@@ -11,8 +11,7 @@ The comparison (DESIGN.md "Performance targets": data, >= 3x img/s):
   parameters, with the ``.beton`` written from the same files (``write_mode="jpg"`` by default:
   every image stays a JPEG of the same quality, so both sides decode JPEG).
 * **FFCV side**: :func:`kdengine.data.loaders.make_loader` with ``pipeline="imagenet_train"``
-  (RandomResizedCrop decoded straight to 224, random flip, FFCV threads) on the CPU; if that
-  module is missing, FFCV's own ``Loader`` with the same ops and the same final normalisation.
+  (RandomResizedCrop decoded straight to 224, random flip, FFCV threads) on the CPU.
 * **baseline**: a ``Dataset`` reading the JPEG files with PIL (``convert("RGB")``), the
   torchvision RandomResizedCrop rule (scale 0.08-1, ratio 3/4-4/3, ten tries then a centre crop)
   as one PIL ``resize(box=...)`` to 224 (bilinear), a random flip, a ``uint8`` HWC tensor;
@@ -30,7 +29,8 @@ The comparison (DESIGN.md "Performance targets": data, >= 3x img/s):
   which other load on a shared machine disturbs far less than wall time, and the 1-minute load
   average at the start and end of the run.
 
-Rows go to benchmarks/results/data.csv (one per loader per run).
+Rows are appended to ``config.output``, one per loader per run; the command line's default is
+``./kdengine-bench/data.csv`` (:func:`kdengine.bench.results.default_output`).
 """
 from __future__ import annotations
 
@@ -50,13 +50,22 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .timing import _percentile, provenance
+from ..data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RRC_RATIO,
+    RRC_SCALE,
+    WRITE_MODES,
+    cache_dir,
+    make_loader,
+    scan_image_folder,
+    write_image_folder,
+)
+from ..errors import SettingError
+from .results import append_rows, provenance
+from .timing import percentile
 
 RESOLUTION = 224
-RRC_SCALE = (0.08, 1.0)
-RRC_RATIO = (3 / 4, 4 / 3)
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 #: bump when the generated image set changes (it is part of the cache key)
 JPEG_SET_VERSION = 1
 
@@ -113,12 +122,19 @@ def _write_image(bank: np.ndarray, spec: JpegSetSpec, i: int, path: Path) -> Non
 
 def jpeg_set(spec: JpegSetSpec, root: Optional[Path] = None, workers: Optional[int] = None,
              progress: Optional[Callable[[int, int], None]] = None) -> Path:
-    """The ImageFolder tree of ``spec`` (``<root>/images/<class>/<i>.jpg``), generated on first
-    use into a temporary folder renamed into place when complete. ``root`` defaults to
-    ``cache_dir()/<spec.key()>``."""
-    from concurrent.futures import ThreadPoolExecutor
+    """The ImageFolder tree of an image set, generated on first use into a temporary folder that
+    is renamed into place when complete.
 
-    from ..data.embedded import cache_dir
+    Args:
+        spec: the image set.
+        root: the folder to keep it in (default: ``cache_dir()/<spec.key()>``).
+        workers: generator threads (default: the CPU count).
+        progress: called as ``progress(done, total)`` while the images are written.
+
+    Returns:
+        ``<root>/images`` (holding ``<class>/<i>.jpg``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
 
     if spec.num_images < spec.num_classes or spec.num_classes < 1:
         raise ValueError(f"num_images ({spec.num_images}) must be at least num_classes ({spec.num_classes}) >= 1")
@@ -152,10 +168,16 @@ def jpeg_set(spec: JpegSetSpec, root: Optional[Path] = None, workers: Optional[i
 
 def jpeg_beton(spec: JpegSetSpec, write_mode: str = "jpg", root: Optional[Path] = None,
                workers: Optional[int] = None, progress=None) -> Path:
-    """The ``.beton`` of the image set (written from the same files, at the same JPEG quality),
-    cached next to it."""
-    from ..data.beton import write_image_folder
+    """The ``.beton`` of an image set, written from the same files at the same JPEG quality and
+    cached next to them.
 
+    Args:
+        spec, root, workers, progress: as for :func:`jpeg_set`.
+        write_mode: how the ``.beton`` stores the images (``kdengine.data.WRITE_MODES``).
+
+    Returns:
+        The ``.beton`` path.
+    """
     images = jpeg_set(spec, root, workers, progress)
     path = images.parent / f"ffcv-{write_mode}-q{spec.quality}.beton"
     if not path.exists():
@@ -172,8 +194,18 @@ def jpeg_beton(spec: JpegSetSpec, write_mode: str = "jpg", root: Optional[Path] 
 
 def random_resized_crop_box(height: int, width: int, rnd: random.Random, scale=RRC_SCALE,
                             ratio=RRC_RATIO) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` by torchvision's RandomResizedCrop rule: ten tries of a random area
-    share and log-uniform aspect ratio, then the centre crop clamped to ``ratio``."""
+    """A crop box by torchvision's RandomResizedCrop rule: ten tries of a random area share and
+    log-uniform aspect ratio, then the centre crop clamped to ``ratio``.
+
+    Args:
+        height, width: the image's size.
+        rnd: the random source.
+        scale: the range of the crop's share of the area.
+        ratio: the range of the crop's aspect ratio (width / height).
+
+    Returns:
+        ``(top, left, h, w)``, inside the image.
+    """
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -229,8 +261,13 @@ class Normalize:
 
 
 def baseline_loader(images_root: Path, batch_size: int, workers: int):
-    from ..data.beton import scan_image_folder
+    """The baseline side: :class:`PILRandomResizedCrop` in a ``DataLoader``, normalised like the
+    FFCV side.
 
+    Returns:
+        A function that runs one epoch's batches; its ``cpu_seconds()`` counts this process and
+        the loader's worker processes.
+    """
     files, _ = scan_image_folder(images_root)
     files = [(str(p), label) for p, label in files]
     loader = torch.utils.data.DataLoader(
@@ -264,33 +301,15 @@ def _proc_cpu_seconds(pid: int) -> float:
 
 
 def ffcv_loader(beton: Path, batch_size: int, workers: int):
-    """``(epoch_fn, implementation)``: kdengine's loader when available, else FFCV's own."""
-    try:
-        from ..data.loaders import make_loader
-    except ImportError:
-        make_loader = None
-    if make_loader is not None:
-        loader = make_loader(beton, pipeline="imagenet_train", batch_size=batch_size, num_workers=workers,
-                             device="cpu", resolution=RESOLUTION, channels_last=False)
-        return (lambda: iter(loader)), "kdengine.data.loaders.make_loader"
+    """The FFCV side: :func:`kdengine.data.make_loader`'s ``imagenet_train`` pipeline on the CPU.
 
-    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor
-
-    loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM,
-                    os_cache=True, drop_last=True,
-                    pipelines={"image": [RandomResizedCropRGBImageDecoder((RESOLUTION, RESOLUTION),
-                                                                          scale=RRC_SCALE, ratio=RRC_RATIO),
-                                         RandomHorizontalFlip(), ToTensor()],
-                               "label": [IntDecoder(), ToTensor()]})
-    normalize = Normalize()
-
-    def epoch():
-        for batch in loader:
-            yield normalize(batch[0]), batch[1][:, 0].clone()
-
-    return epoch, "ffcv.loader.Loader"
+    Returns:
+        ``(epoch_fn, implementation)``: a function that starts one epoch's iterator, and the
+        name reported in the rows.
+    """
+    loader = make_loader(beton, pipeline="imagenet_train", batch_size=batch_size, num_workers=workers,
+                         device="cpu", resolution=RESOLUTION, channels_last=False)
+    return (lambda: iter(loader)), "kdengine.data.loaders.make_loader"
 
 
 # ------------------------------------------------------------------------- the run
@@ -298,14 +317,39 @@ def ffcv_loader(beton: Path, batch_size: int, workers: int):
 
 @dataclass
 class DataBenchConfig:
+    """The settings of one run, checked when constructed (:class:`~kdengine.errors.SettingError`).
+
+    Args:
+        num_images: JPEGs in the generated set, at least ``batch_size``.
+        workers: DataLoader worker processes and FFCV threads, the same for both (0: all cores).
+        batch_size: images per batch.
+        epochs: timed epochs per loader, after one warm-up epoch each.
+        write_mode: how the ``.beton`` stores the images (``jpg``, ``proportion`` or ``raw``).
+        seed: the image set's seed.
+        cache_root: where the image set and ``.beton`` are kept (default: the kdengine cache dir).
+        output: the CSV to append the rows to, or None for none.
+    """
+
     num_images: int = 3000
-    workers: int = 0  # 0: all CPU cores
+    workers: int = 0
     batch_size: int = 64
     epochs: int = 5
     write_mode: str = "jpg"
     seed: int = 0
-    root: Optional[str] = None  # where the image set lives (default: the cache dir)
+    cache_root: Optional[str] = None
     output: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise SettingError("workers", f"must be 0 (all cores) or more, got {self.workers}")
+        if self.num_images < self.batch_size:
+            raise SettingError("num_images", f"must be at least the batch size ({self.batch_size}), "
+                                             f"got {self.num_images}")
+        if self.write_mode not in WRITE_MODES:
+            raise SettingError("write_mode", f"must be one of {WRITE_MODES}, got {self.write_mode!r}")
 
 
 def _run_epoch(epoch_fn) -> tuple[int, float, float, tuple]:
@@ -324,17 +368,20 @@ def _run_epoch(epoch_fn) -> tuple[int, float, float, tuple]:
 
 
 def run(config: DataBenchConfig, progress=None) -> list[dict]:
-    """Build (or reuse) the image set and .beton, time both loaders, return the rows (appended to
-    ``config.output`` when set). ``progress``: a rich Progress, optional."""
+    """Build (or reuse) the image set and ``.beton``, and time both loaders.
+
+    Args:
+        config: the run's settings.
+        progress: a ``rich.progress.Progress`` to report to, optional.
+
+    Returns:
+        One row per loader, also appended to ``config.output`` when set.
+    """
     import importlib.metadata as md
 
     workers = config.workers or os.cpu_count() or 1
-    if config.num_images < config.batch_size:
-        raise ValueError(f"--num-images ({config.num_images}) must be at least --batch-size ({config.batch_size})")
-    if config.epochs < 1 or config.batch_size < 1 or workers < 1:
-        raise ValueError("--epochs, --batch-size and --workers must be positive")
     spec = JpegSetSpec(num_images=config.num_images, seed=config.seed)
-    root = Path(config.root) / spec.key() if config.root else None
+    root = Path(config.cache_root) / spec.key() if config.cache_root else None
 
     task = progress.add_task("image set", total=spec.num_images) if progress else None
 
@@ -397,8 +444,8 @@ def run(config: DataBenchConfig, progress=None) -> list[dict]:
             "output": f"{dtype} {'x'.join(map(str, shape))} {'contiguous' if contiguous else 'strided'} normalised",
             "epochs": len(r),
             "median_img_s": round(medians[name], 1),
-            "p20_img_s": round(_percentile(r, 0.2), 1),
-            "p80_img_s": round(_percentile(r, 0.8), 1),
+            "p20_img_s": round(percentile(r, 0.2), 1),
+            "p80_img_s": round(percentile(r, 0.8), 1),
             "min_img_s": round(r[0], 1),
             "max_img_s": round(r[-1], 1),
             "median_epoch_s": round(statistics.median(seconds[name]), 3),
@@ -411,7 +458,5 @@ def run(config: DataBenchConfig, progress=None) -> list[dict]:
             "loadavg_1m_end": round(load_end, 2),
         })
     if config.output:
-        from .ops import append_rows
-
         append_rows(config.output, rows)
     return rows

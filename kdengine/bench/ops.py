@@ -1,24 +1,28 @@
 """`kdengine bench ops`: the ADM operators and the whole ADMLoss against the baselines a user
 would otherwise run (Algorithm 1 in eager PyTorch, and its torch.compile), per backend.
 
-Rows go to benchmarks/results/ops.csv (long format, one row per measurement)."""
+Rows are appended to ``config.output`` (long format, one row per measurement); the command
+line's default is ``./kdengine-bench/ops.csv`` (:func:`kdengine.bench.results.default_output`).
+"""
 from __future__ import annotations
 
-import csv
-import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .. import ops
+from ..errors import SettingError
 from ..losses import ADMLoss
-from .timing import copy_bandwidth_gbps, measure_interleaved, provenance
+from ..ops import adm_pool, available_impls, cosine_similarity_map, feature_mse
+from .results import append_rows, provenance
+from .timing import copy_bandwidth_gbps, measure_interleaved
 
 PROVIDERS = ("reference-eager", "reference-compile", "cpu", "cuda", "triton")
 MODES = ("fwd", "bwd", "fwdbwd")
 OPS = ("adm_loss", "adm_pool", "feature_mse", "cosine_similarity_map")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -85,22 +89,32 @@ def _loss_fn(op: str, impl: str, case: Case, dtype, device) -> Callable:
         return lambda fs, ft: loss(fs, ft, target)
     if op == "adm_pool":
         def fn(fs, ft):
-            ps, pt = ops.adm_pool(fs[0], ft[0], impl=impl_arg)
+            ps, pt = adm_pool(fs[0], ft[0], impl=impl_arg)
             return ps.float().sum() + pt.float().sum()
         return fn
     if op == "feature_mse":
-        return lambda fs, ft: ops.feature_mse(fs[0], ft[0], impl=impl_arg)
-    return lambda fs, ft: ops.cosine_similarity_map(fs[0], ft[0], impl=impl_arg).float().sum()
+        return lambda fs, ft: feature_mse(fs[0], ft[0], impl=impl_arg)
+    return lambda fs, ft: cosine_similarity_map(fs[0], ft[0], impl=impl_arg).float().sum()
 
 
 def available_providers(device: torch.device) -> list[str]:
-    impls = ops.available_impls(device)
-    providers = ["reference-eager", "reference-compile"]
-    return providers + [p for p in ("cpu", "cuda", "triton") if p in impls]
+    """The providers that can run on a device.
+
+    Args:
+        device: the device.
+
+    Returns:
+        The names from :data:`PROVIDERS`: the two references always, the compiled and Triton
+        kernels where built and usable.
+    """
+    impls = available_impls(device)
+    return [p for p in PROVIDERS if p.startswith("reference") or p in impls]
 
 
 @dataclass
 class BenchConfig:
+    """A checked benchmark selection; build it with :func:`make_config`."""
+
     device: torch.device
     dtype: torch.dtype
     cases: list
@@ -109,79 +123,143 @@ class BenchConfig:
     modes: list
     repeat: int = 10
     channels_last: bool = False
-    output: Optional[str] = None
+    output: Optional[Path] = None  # None: append nowhere
+
+
+def make_config(*, device: Optional[str] = None, dtype: Optional[str] = None, cases: Optional[Sequence[str]] = None,
+                ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[str]] = None,
+                modes: Optional[Sequence[str]] = None, repeat: int = 10, channels_last: bool = False,
+                output=None) -> BenchConfig:
+    """Check a selection by name and fill in the defaults.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (default: CUDA when available).
+        dtype: a key of :data:`DTYPES` (default: ``"bf16"`` on CUDA, ``"fp32"`` on the CPU).
+        cases: names from :data:`CASES` (default: all).
+        ops: names from :data:`OPS` (default: all).
+        providers: names from :data:`PROVIDERS` (default: all available on the device).
+        modes: names from :data:`MODES` (default: all).
+        repeat: timed calls per measurement, at least 1.
+        channels_last: features in channels_last memory.
+        output: the CSV to append to, or None for none.
+
+    Returns:
+        The :class:`BenchConfig`.
+
+    Raises:
+        SettingError: an unknown name, a provider not available on the device, or ``repeat < 1``.
+    """
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as exc:
+        raise SettingError("device", f"is not a torch device: {device!r} ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SettingError("device", f"must be a CPU or CUDA device, got {device!r}")
+    dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    if dtype not in DTYPES:
+        raise SettingError("dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
+    available = available_providers(dev)
+    selection = {}
+    for name, values, valid in (("cases", cases, tuple(CASES)), ("ops", ops, OPS),
+                                ("providers", providers, PROVIDERS), ("modes", modes, MODES)):
+        values = list(values) if values else list(available if name == "providers" else valid)
+        unknown = [v for v in values if v not in valid]
+        if unknown:
+            raise SettingError(name, f"has unknown names {unknown}; valid: {list(valid)}")
+        selection[name] = values
+    missing = [p for p in selection["providers"] if p not in available]
+    if missing:
+        raise SettingError("providers", f"{missing} are not available on {dev} (available: {available})")
+    if repeat < 1:
+        raise SettingError("repeat", f"must be at least 1, got {repeat}")
+    return BenchConfig(device=dev, dtype=DTYPES[dtype], repeat=repeat, channels_last=channels_last,
+                       output=Path(output) if output is not None else None, **selection)
 
 
 def run(config: BenchConfig, progress=None) -> list[dict]:
-    """Measure every (case, op, provider, mode), providers interleaved; returns the rows (also
-    appended to ``output``)."""
+    """Measure every (case, op, provider, mode), the providers of one (case, op, mode) interleaved.
+
+    Args:
+        config: the selection (:func:`make_config`).
+        progress: a ``rich.progress.Progress`` to report to, optional.
+
+    Returns:
+        The rows, also appended to ``config.output`` when set.
+    """
     device = config.device
-    itemsize = torch.empty((), dtype=config.dtype).element_size()
-    layout = torch.channels_last if config.channels_last else torch.contiguous_format
-    base = provenance(device)
     copy_bw = copy_bandwidth_gbps(device)
-    base["copy_bw_gbps"] = round(copy_bw, 2)
-    rows = []
+    base = {**provenance(device), "copy_bw_gbps": round(copy_bw, 2)}
     work = [(c, o) for c in config.cases for o in config.ops
             if not (o == "adm_loss" and len(CASES[c].stages) == 1)]
     task = progress.add_task("bench ops", total=len(work) * len(config.modes)) if progress else None
+    rows = []
     for case_name, op in work:
-        case = CASES[case_name]
-        feats_s, feats_t = _make_inputs(case, op, config.dtype, device, layout)
-        leaves = feats_s + feats_t
-
-        def clear():
-            for x in leaves:
-                x.grad = None
-
-        fns = {}
-        for provider in config.providers:
-            fn = _loss_fn(op, provider, case, config.dtype, device)
-            fns[provider] = torch.compile(fn, dynamic=False) if provider == "reference-compile" else fn
-        timings = {}
-        for mode in config.modes:
-            if progress:
-                progress.update(task, description=f"{case_name} {op} {mode}")
-            calls, graphs = {}, {}
-            for provider, fn in fns.items():
-                if mode == "fwd":
-                    calls[provider] = (lambda fn=fn: fn(feats_s, feats_t), clear)
-                elif mode == "bwd":  # the forward graph is built once, outside the timing
-                    graphs[provider] = fn(feats_s, feats_t)
-                    calls[provider] = (lambda loss=graphs[provider]: loss.backward(retain_graph=True), clear)
-                else:
-                    calls[provider] = (lambda fn=fn: fn(feats_s, feats_t).backward(), clear)
-            for provider, timing in measure_interleaved(calls, device, repeat=config.repeat).items():
-                timings[(provider, mode)] = timing
-            graphs.clear()
-            if progress:
-                progress.advance(task)
-        for (provider, mode), t in timings.items():
-            moved = _bytes_moved(op, mode, case, itemsize)
-            gbps = moved / (t.median_ms * 1e-3) / 1e9
-            rows.append({
-                **base,
-                "case": case_name,
-                "op": op,
-                "mode": mode,
-                "provider": provider,
-                "dtype": str(config.dtype).replace("torch.", ""),
-                "layout": "channels_last" if config.channels_last else "contiguous",
-                "batch": case.batch,
-                "stages": ";".join("x".join(map(str, s)) for s in (case.stages if op == "adm_loss" else case.stages[-1:])),
-                "median_ms": round(t.median_ms, 4),
-                "p20_ms": round(t.p20_ms, 4),
-                "p80_ms": round(t.p80_ms, 4),
-                "samples": t.samples,
-                "bytes_moved": moved,
-                "gbps": round(gbps, 2),
-                "pct_copy_bw": round(100 * gbps / copy_bw, 1),
-            })
-        del feats_s, feats_t, leaves, fns
+        timings = _measure_case(config, CASES[case_name], op, progress, task)
+        rows.extend(_row(base, config, CASES[case_name], op, provider, mode, t, copy_bw)
+                    for (provider, mode), t in timings.items())
     _add_speedups(rows)
     if config.output:
         append_rows(config.output, rows)
     return rows
+
+
+def _measure_case(config: BenchConfig, case: Case, op: str, progress, task) -> dict:
+    """``(provider, mode) -> Timing`` of one (case, op); the inputs live as long as this call."""
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    feats_s, feats_t = _make_inputs(case, op, config.dtype, config.device, layout)
+    leaves = feats_s + feats_t
+
+    def clear():
+        for x in leaves:
+            x.grad = None
+
+    fns = {}
+    for provider in config.providers:
+        fn = _loss_fn(op, provider, case, config.dtype, config.device)
+        fns[provider] = torch.compile(fn, dynamic=False) if provider == "reference-compile" else fn
+    timings = {}
+    for mode in config.modes:
+        if progress:
+            progress.update(task, description=f"{case.name} {op} {mode}")
+        calls = {}
+        for provider, fn in fns.items():
+            if mode == "fwd":
+                calls[provider] = (lambda fn=fn: fn(feats_s, feats_t), clear)
+            elif mode == "bwd":  # the forward graph is built once, outside the timing
+                calls[provider] = (lambda loss=fn(feats_s, feats_t): loss.backward(retain_graph=True), clear)
+            else:
+                calls[provider] = (lambda fn=fn: fn(feats_s, feats_t).backward(), clear)
+        for provider, timing in measure_interleaved(calls, config.device, repeat=config.repeat).items():
+            timings[(provider, mode)] = timing
+        del calls  # frees the bwd mode's graphs before the next mode
+        if progress:
+            progress.advance(task)
+    return timings
+
+
+def _row(base: dict, config: BenchConfig, case: Case, op: str, provider: str, mode: str, t, copy_bw: float) -> dict:
+    itemsize = torch.empty((), dtype=config.dtype).element_size()
+    moved = _bytes_moved(op, mode, case, itemsize)
+    gbps = moved / (t.median_ms * 1e-3) / 1e9
+    stages = case.stages if op == "adm_loss" else case.stages[-1:]
+    return {
+        **base,
+        "case": case.name,
+        "op": op,
+        "mode": mode,
+        "provider": provider,
+        "dtype": str(config.dtype).replace("torch.", ""),
+        "layout": "channels_last" if config.channels_last else "contiguous",
+        "batch": case.batch,
+        "stages": ";".join("x".join(map(str, s)) for s in stages),
+        "median_ms": round(t.median_ms, 4),
+        "p20_ms": round(t.p20_ms, 4),
+        "p80_ms": round(t.p80_ms, 4),
+        "samples": t.samples,
+        "bytes_moved": moved,
+        "gbps": round(gbps, 2),
+        "pct_copy_bw": round(100 * gbps / copy_bw, 1),
+    }
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -191,22 +269,3 @@ def _add_speedups(rows: list[dict]) -> None:
         for key, provider in (("speedup_vs_eager", "reference-eager"), ("speedup_vs_compile", "reference-compile")):
             ref = index.get((r["case"], r["op"], r["mode"], provider))
             r[key] = round(ref / r["median_ms"], 3) if ref else ""
-
-
-def append_rows(path: str, rows: list[dict]) -> None:
-    """Append to a long-format CSV, writing the header when the file is new."""
-    if not rows:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    fields = list(rows[0].keys())
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header and header != fields:
-            raise ValueError(f"{path} has columns {header}, these rows have {fields}; use a new file")
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)

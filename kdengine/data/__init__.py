@@ -1,7 +1,23 @@
 """Datasets: the procedurally generated embedded default dataset, FFCV .beton writers and the
 loaders (FFCV-backed or device-resident) that read them."""
+from ._loading import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LOADER_PIPELINES,
+    ORDERS,
+    RRC_RATIO,
+    RRC_SCALE,
+    BetonInfo,
+    KDLoader,
+    LoaderConfig,
+    beton_info,
+    epoch_order,
+)
 from .beton import (
     BETON_VERSION,
+    WRITE_MODES,
+    OutputExistsError,
+    UnreadableImageError,
     atomic_beton,
     embedded_beton,
     read_cifar,
@@ -10,12 +26,12 @@ from .beton import (
     write_embedded,
     write_image_folder,
 )
-from ._loading import KDLoader, LoaderConfig
 from .device_loader import DeviceLoader
-from .loaders import FFCVLoader, PIPELINES, make_loader, resident_budget, resident_bytes
 from .embedded import CLASSES, VERSION, EmbeddedSpec, cache_dir, generate
+from .loaders import FFCVLoader, make_loader, resident_budget, resident_bytes
 
-__all__ = ["BETON_VERSION", "CLASSES", "PIPELINES", "VERSION", "DeviceLoader", "EmbeddedSpec", "FFCVLoader",
-           "KDLoader", "LoaderConfig", "atomic_beton", "cache_dir", "embedded_beton", "generate",
-           "make_loader", "read_cifar", "resident_budget", "resident_bytes", "scan_image_folder",
-           "write_cifar", "write_embedded", "write_image_folder"]
+__all__ = ["BETON_VERSION", "CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "LOADER_PIPELINES", "ORDERS", "RRC_RATIO",
+           "RRC_SCALE", "VERSION", "WRITE_MODES", "BetonInfo", "DeviceLoader", "EmbeddedSpec", "FFCVLoader",
+           "KDLoader", "LoaderConfig", "OutputExistsError", "UnreadableImageError", "atomic_beton", "beton_info",
+           "cache_dir", "embedded_beton", "epoch_order", "generate", "make_loader", "read_cifar", "resident_budget",
+           "resident_bytes", "scan_image_folder", "write_cifar", "write_embedded", "write_image_folder"]

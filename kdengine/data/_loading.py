@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-PIPELINES = ("imagenet_train", "imagenet_val", "cifar_train", "cifar_val")
+#: The loader pipelines (``make_loader(pipeline=...)``).
+LOADER_PIPELINES = ("imagenet_train", "imagenet_val", "cifar_train", "cifar_val")
 ORDERS = ("random", "quasi_random", "sequential")
 FIELDS = ("image", "label", "mask", "index")
 PADDING_MODES = ("fill", "reflect")
@@ -63,8 +64,8 @@ class LoaderConfig:
     batches_ahead: int = 3
 
     def __post_init__(self):
-        if self.pipeline not in PIPELINES:
-            raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if self.pipeline not in LOADER_PIPELINES:
+            raise ValueError(f"pipeline must be one of {LOADER_PIPELINES}, got {self.pipeline!r}")
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.num_workers is None:
@@ -164,30 +165,59 @@ def _rank_and_world(distributed: bool, rank, world_size) -> tuple[int, int]:
 
 
 def seed_for(seed: int, *words: int) -> int:
-    """A 63-bit seed mixed from ``seed`` and ``words`` (SeedSequence: nearby inputs give unrelated
-    streams)."""
+    """A 63-bit seed mixed from a seed and further words (through ``np.random.SeedSequence``, so
+    nearby inputs give unrelated streams).
+
+    Args:
+        seed: the run's seed.
+        *words: what the stream is for (a stream tag such as :data:`AUGMENT_STREAM`, an epoch, a
+            batch index, ...).
+
+    Returns:
+        A non-negative int below ``2**63``.
+    """
     state = np.random.SeedSequence(seed, spawn_key=tuple(int(w) for w in words)).generate_state(2)
     return int((int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1))
 
 
-_PERMUTATION, _AUGMENT = 1, 2  # stream tags: the epoch order and the per-batch draws never share a seed
+#: Stream tags of :func:`seed_for`: the epoch order and the per-batch draws never share a seed.
+PERMUTATION_STREAM, AUGMENT_STREAM = 1, 2
 
 
 def epoch_order(n: int, order: str, seed: int, epoch: int) -> np.ndarray:
-    """The global order of the ``n`` samples in ``epoch`` (``quasi_random`` is treated as
-    ``random`` here; the FFCV loader has its own)."""
+    """The global order of a set's samples in one epoch, the same for both loaders.
+
+    Args:
+        n: samples in the set.
+        order: ``"sequential"``, or ``"random"`` / ``"quasi_random"`` (both a permutation here;
+            the FFCV loader has its own ``quasi_random``).
+        seed: the run's seed.
+        epoch: the epoch.
+
+    Returns:
+        ``int64 [n]`` sample indices.
+    """
     if order == "sequential":
         return np.arange(n, dtype=np.int64)
-    g = torch.Generator().manual_seed(seed_for(seed, _PERMUTATION, epoch))
+    g = torch.Generator().manual_seed(seed_for(seed, PERMUTATION_STREAM, epoch))
     return torch.randperm(n, generator=g).numpy()
 
 
 def shard(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
     """This rank's samples of an epoch order: every ``world_size``-th from ``rank`` on, so the
-    ranks' shards are disjoint and cover the order. With ``drop_last`` the order is first cut to a
-    multiple of ``world_size`` (every rank then has as many samples, as training needs); without
-    it nothing is repeated or dropped (unlike ``DistributedSampler``'s padding), so a sum
-    all-reduced over ranks counts every sample once, and ranks may differ by one sample."""
+    ranks' shards are disjoint and cover the order.
+
+    Args:
+        order: the epoch's global order (:func:`epoch_order`).
+        rank, world_size: this rank and the number of ranks.
+        drop_last: cut the order to a multiple of ``world_size`` first (every rank then has as
+            many samples, as training needs); without it nothing is repeated or dropped (unlike
+            ``DistributedSampler``'s padding), so a sum all-reduced over ranks counts every
+            sample once, and ranks may differ by one sample.
+
+    Returns:
+        The rank's sample indices, in order.
+    """
     if world_size == 1:
         return order
     if drop_last:
@@ -196,6 +226,7 @@ def shard(order: np.ndarray, rank: int, world_size: int, drop_last: bool) -> np.
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    """Batches an epoch of ``n`` samples yields (full batches only with ``drop_last``)."""
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
@@ -244,8 +275,13 @@ class KDLoader:
         return num_batches(self._shard_size, self.batch_size, self.config.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch (its order and, for ``imagenet_train``, its resolution) the next
-        iteration runs, skipping its first ``start_batch`` batches (a resumed run)."""
+        """Select the epoch the next iteration runs (its order and, for ``imagenet_train``, its
+        resolution).
+
+        Args:
+            epoch: the epoch, from 0.
+            start_batch: batches of it to skip (a resumed run), at most ``len(self)``.
+        """
         if not _is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         if not _is_int(start_batch) or not 0 <= start_batch <= len(self):
@@ -265,8 +301,14 @@ class KDLoader:
         return self._next[0]
 
     def resolution(self, epoch: Optional[int] = None) -> int:
-        """The side of the images of ``epoch`` (default: the next one) for ``imagenet_*``; the
-        stored size for ``cifar_*``."""
+        """The side of the images the loader yields.
+
+        Args:
+            epoch: for ``imagenet_*`` pipelines, the epoch asked about (default: the next one).
+
+        Returns:
+            The ``imagenet_*`` resolution of that epoch, or the stored size for ``cifar_*``.
+        """
         if not self.config.is_imagenet:
             return self._image_size[0]
         return self.config.resolution_at(self.epoch if epoch is None else epoch)

@@ -16,22 +16,94 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from ..errors import SettingError
 from .embedded import EmbeddedSpec, cache_dir, generate
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
+ON_ERROR = ("fail", "skip")
 
 #: The layout of the files the writers produce; part of the embedded cache's file name, so a cached
 #: file from an older layout (version 1 had no ``index`` field) is never reused.
 BETON_VERSION = 2
 
 
+class OutputExistsError(FileExistsError):
+    """The output file exists and ``overwrite`` was not set.
+
+    Args:
+        path: the existing file.
+    """
+
+    def __init__(self, path: os.PathLike | str):
+        super().__init__(f"{path} exists; pass overwrite=True to replace it")
+        self.path = Path(path)
+
+
+class UnreadableImageError(ValueError):
+    """An ImageFolder tree holds images PIL cannot decode and ``on_error="fail"``.
+
+    Args:
+        skipped: the ``(file, reason)`` pairs of every unreadable image (at least one).
+    """
+
+    def __init__(self, skipped: list):
+        self.skipped = list(skipped)
+        self.path, self.reason = self.skipped[0]
+        super().__init__(f"unreadable image {self.path} ({self.reason}); {len(self.skipped)} in all; "
+                         "on_error='skip' leaves them out")
+
+
+def check_output(path: os.PathLike | str, overwrite: bool) -> None:
+    """Check, before any work, that a writer may write its output.
+
+    Args:
+        path: the output file.
+        overwrite: whether an existing file may be replaced.
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory.
+        OutputExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a directory; give the .beton file's path")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+
+
+def check_write_options(*, write_mode: str, jpeg_quality: int, compress_probability: float,
+                        num_workers: Optional[int], chunk_size: int) -> None:
+    """The checks of the FFCV ``RGBImageField`` / ``DatasetWriter`` options every writer takes.
+
+    Raises:
+        SettingError: naming the first bad option.
+    """
+    if write_mode not in WRITE_MODES:
+        raise SettingError("write_mode", f"must be one of {WRITE_MODES}, got {write_mode!r}")
+    if not 1 <= jpeg_quality <= 100:
+        raise SettingError("jpeg_quality", f"must be in [1, 100], got {jpeg_quality}")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise SettingError("compress_probability", f"must be in [0, 1], got {compress_probability}")
+    if num_workers is not None and num_workers < 1:
+        raise SettingError("num_workers", f"must be at least 1, got {num_workers}")
+    if chunk_size < 1:
+        raise SettingError("chunk_size", f"must be at least 1, got {chunk_size}")
+
+
 @contextlib.contextmanager
 def atomic_beton(path: os.PathLike | str, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary path to write; on success it replaces ``path``, on failure it is removed
-    and ``path`` is left as it was."""
+    """A temporary path to write next to ``path``: on success it replaces ``path``, on failure it
+    is removed and ``path`` is left as it was.
+
+    Args:
+        path: the final file.
+        overwrite: whether an existing file may be replaced (checked by :func:`check_output`).
+
+    Yields:
+        The temporary path.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -80,18 +152,34 @@ def write_embedded(
     compress_probability: float = 0.5,
     num_workers: Optional[int] = None,
     chunk_size: int = 100,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> Path:
     """Generate one split of the embedded dataset and write it to ``path`` with the fields
     ``image`` (RGB), ``label`` (int), ``mask`` (``uint8 [S, S]`` foreground mask) and ``index``.
 
-    ``write_mode``: ``"raw"`` (bit-exact, the default: the images are tiny), ``"jpg"``,
-    ``"proportion"`` (JPEG with probability ``compress_probability``) or ``"smart"``.
+    Args:
+        spec: the dataset's parameters.
+        split: ``"train"`` or ``"val"``.
+        path: the ``.beton`` file to write.
+        overwrite: replace an existing file (else :class:`OutputExistsError`).
+        write_mode: ``"raw"`` (bit-exact, the default: the images are tiny), ``"jpg"``,
+            ``"proportion"`` (JPEG with probability ``compress_probability``) or ``"smart"``.
+        jpeg_quality: JPEG quality, 1-100.
+        compress_probability: share of JPEG images in ``"proportion"`` mode.
+        num_workers: generator threads and writer processes (default: the CPU count).
+        chunk_size: samples per writer work unit.
+        progress: called as ``progress(done, total)`` while the images are generated.
+
+    Returns:
+        ``path``.
     """
     from ffcv.fields import IntField, NDArrayField, RGBImageField
 
-    _check_image_options("write_embedded", write_mode, jpeg_quality)
+    check_write_options(write_mode=write_mode, jpeg_quality=jpeg_quality,
+                        compress_probability=compress_probability, num_workers=num_workers, chunk_size=chunk_size)
+    check_output(path, overwrite)  # before the generation, not only when the file is opened
     workers = num_workers or os.cpu_count() or 1
-    images, labels, masks = generate(spec, split, workers=workers)
+    images, labels, masks = generate(spec, split, workers=workers, progress=progress)
     fields = {
         "image": RGBImageField(write_mode=write_mode, max_resolution=spec.size,
                                compress_probability=compress_probability, jpeg_quality=jpeg_quality),
@@ -151,7 +239,7 @@ def read_cifar(source: os.PathLike | str, split: str):
             f"{source}: no CIFAR layout found (expected batches.meta + data_batch_* or meta + train/test)")
     train_files, test_files, meta_file, label_key, names_key = layout
     if split not in ("train", "test"):
-        raise ValueError(f"read_cifar: split must be 'train' or 'test', got {split!r}")
+        raise SettingError("split", f"must be 'train' or 'test', got {split!r}")
     files = [source / name for name in (train_files if split == "train" else test_files)]
     missing = [str(p) for p in files + [source / meta_file] if not p.exists()]
     if missing:
@@ -183,10 +271,23 @@ def write_cifar(
     chunk_size: int = 100,
 ) -> Path:
     """Write a CIFAR split (python-pickle layout) to ``path`` with fields ``image``, ``label`` and
-    ``index``."""
+    ``index``.
+
+    Args:
+        source: the extracted ``cifar-10-batches-py`` or ``cifar-100-python`` directory.
+        split: ``"train"`` or ``"test"``.
+        path: the ``.beton`` file to write.
+        overwrite, write_mode, jpeg_quality, compress_probability, num_workers, chunk_size: as
+            for :func:`write_embedded`.
+
+    Returns:
+        ``path``.
+    """
     from ffcv.fields import IntField, RGBImageField
 
-    _check_image_options("write_cifar", write_mode, jpeg_quality)
+    check_write_options(write_mode=write_mode, jpeg_quality=jpeg_quality,
+                        compress_probability=compress_probability, num_workers=num_workers, chunk_size=chunk_size)
+    check_output(path, overwrite)
     images, labels, _ = read_cifar(source, split)
     fields = {
         "image": RGBImageField(write_mode=write_mode, max_resolution=32,
@@ -196,13 +297,6 @@ def write_cifar(
     }
     return _write_indexed(path, fields, _IndexedArrays(images, labels), overwrite=overwrite,
                           num_workers=num_workers or os.cpu_count() or 1, chunk_size=chunk_size)
-
-
-def _check_image_options(op: str, write_mode: str, jpeg_quality: int) -> None:
-    if write_mode not in WRITE_MODES:
-        raise ValueError(f"{op}: write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
-    if not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"{op}: jpeg_quality must be in [1, 100], got {jpeg_quality}")
 
 
 # ---------------------------------------------------------------------------------- ImageFolder
@@ -286,27 +380,37 @@ def write_image_folder(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[Path, list]:
     """Write an ImageFolder tree to ``path`` (fields ``image``, ``label``, ``index``; labels are the
-    sorted class folders' indices). Every image is decoded once first: an unreadable one raises naming
-    the file (``on_error="fail"``) or is left out and reported (``on_error="skip"``).
+    sorted class folders' indices). Every image is decoded once first, so an unreadable file is
+    found before writing starts.
 
-    ``progress(done, total)``, if given, is called during that decode pass (FFCV's writer shows
-    its own bar for the write itself).
+    Args:
+        root: the folder holding one folder of images per class.
+        path: the ``.beton`` file to write.
+        max_resolution: downscale images whose longer side exceeds it (None: keep the size).
+        on_error: an unreadable image raises :class:`UnreadableImageError` (``"fail"``) or is
+            left out and reported (``"skip"``).
+        progress: called as ``progress(done, total)`` during the decode pass (FFCV's writer
+            shows its own bar for the write itself).
+        overwrite, write_mode, jpeg_quality, compress_probability, num_workers, chunk_size: as
+            for :func:`write_embedded` (``write_mode`` defaults to ``"proportion"`` here).
 
-    Returns ``(path, skipped)`` with ``skipped`` the ``(file, reason)`` pairs left out."""
+    Returns:
+        ``(path, skipped)``, ``skipped`` the ``(file, reason)`` pairs left out.
+    """
     from ffcv.fields import IntField, RGBImageField
 
-    _check_image_options("write_image_folder", write_mode, jpeg_quality)
-    if on_error not in ("fail", "skip"):
-        raise ValueError(f"write_image_folder: on_error must be 'fail' or 'skip', got {on_error!r}")
-    if Path(path).exists() and not overwrite:  # refuse before the long decode pass
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    check_write_options(write_mode=write_mode, jpeg_quality=jpeg_quality,
+                        compress_probability=compress_probability, num_workers=num_workers, chunk_size=chunk_size)
+    if max_resolution is not None and max_resolution < 1:
+        raise SettingError("max_resolution", f"must be at least 1, got {max_resolution}")
+    if on_error not in ON_ERROR:
+        raise SettingError("on_error", f"must be one of {ON_ERROR}, got {on_error!r}")
+    check_output(path, overwrite)  # refuse before the long decode pass
     workers = num_workers or os.cpu_count() or 1
     files, _ = scan_image_folder(root)
     skipped = _unreadable(files, workers, progress)
     if skipped and on_error == "fail":
-        bad, reason = skipped[0]
-        raise ValueError(f"unreadable image {bad} ({reason}); {len(skipped)} in all; "
-                         "on_error='skip' (--on-error skip) leaves them out")
+        raise UnreadableImageError(skipped)
     bad_paths = {p for p, _ in skipped}
     files = [item for item in files if item[0] not in bad_paths]
     if not files:

@@ -40,14 +40,18 @@ GIL in its ufuncs).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
+
+from ..errors import SettingError
 
 __all__ = ["CLASSES", "VERSION", "EmbeddedSpec", "cache_dir", "generate"]
 
@@ -85,13 +89,12 @@ class EmbeddedSpec:
 
     def __post_init__(self):
         if not 1 <= self.num_classes <= len(CLASSES):
-            raise ValueError(f"num_classes must be in 1..{len(CLASSES)}, got {self.num_classes}")
+            raise SettingError("num_classes", f"must be in 1..{len(CLASSES)}, got {self.num_classes}")
         if self.size < 16:
-            raise ValueError(f"size must be at least 16, got {self.size}")
-        if self.train_per_class < 0 or self.val_per_class < 0:
-            raise ValueError("per-class counts must be non-negative")
-        if self.seed < 0:
-            raise ValueError("seed must be non-negative")
+            raise SettingError("size", f"must be at least 16, got {self.size}")
+        for name in ("train_per_class", "val_per_class", "seed"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, f"must be non-negative, got {getattr(self, name)}")
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -115,16 +118,24 @@ def cache_dir() -> Path:
 
 def _check_split(split: str) -> str:
     if split not in _SPLITS:
-        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+        raise SettingError("split", f"must be one of {sorted(_SPLITS)}, got {split!r}")
     return split
 
 
-def generate(spec: EmbeddedSpec, split: str = "train", workers: int | None = None):
+def generate(spec: EmbeddedSpec, split: str = "train", workers: Optional[int] = None,
+             progress: Optional[Callable[[int, int], None]] = None):
     """Generate one split.
 
-    Returns ``(images, labels, masks)``: ``uint8 [N, S, S, 3]`` RGB, ``int64 [N]`` with every
-    class exactly ``*_per_class`` times in shuffled order, and ``uint8 [N, S, S]`` foreground
-    masks in {0, 1}. ``workers`` (default: CPU count) changes the speed, never the bytes.
+    Args:
+        spec: the dataset's parameters.
+        split: ``"train"`` or ``"val"``.
+        workers: threads (default: the CPU count); they change the speed, never the bytes.
+        progress: called as ``progress(done, total)`` with the images generated so far.
+
+    Returns:
+        ``(images, labels, masks)``: ``uint8 [N, S, S, 3]`` RGB, ``int64 [N]`` with every class
+        exactly ``*_per_class`` times in shuffled order, and ``uint8 [N, S, S]`` foreground masks
+        in {0, 1}.
     """
     n = spec.count(split)
     s = spec.size
@@ -144,13 +155,13 @@ def generate(spec: EmbeddedSpec, split: str = "train", workers: int | None = Non
         rng = np.random.Generator(np.random.PCG64(seeds[i]))
         images[a:b], masks[a:b] = _render(rng, labels[a:b], s)
 
-    workers = workers or os.cpu_count() or 1
-    if workers <= 1 or len(starts) <= 1:
-        for i in range(len(starts)):
-            run(i)
-    else:
-        with ThreadPoolExecutor(min(workers, len(starts))) as pool:
-            list(pool.map(run, range(len(starts))))
+    workers = min(workers or os.cpu_count() or 1, len(starts))
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        indices = range(len(starts))
+        finished = pool.map(run, indices) if pool else map(run, indices)  # in order: i is the last one done
+        for i, _ in enumerate(finished):
+            if progress is not None:
+                progress(min(starts[i] + chunk, n), n)
     return images, labels, masks
 
 

@@ -31,12 +31,29 @@ import numpy as np
 import torch
 
 from ._loading import (
-    FIELDS, IMAGENET_MEAN, IMAGENET_STD, ORDERS, PIPELINES, RRC_RATIO, RRC_SCALE, VAL_CROP_RATIO,
-    BetonInfo, KDLoader, LoaderConfig, Normalizer, Resolution, beton_info, center_crop_box,
-    check_fields, epoch_batches, epoch_order, resize_masks, shard,
+    FIELDS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LOADER_PIPELINES,
+    ORDERS,
+    RRC_RATIO,
+    RRC_SCALE,
+    VAL_CROP_RATIO,
+    BetonInfo,
+    KDLoader,
+    LoaderConfig,
+    Normalizer,
+    Resolution,
+    beton_info,
+    center_crop_box,
+    check_fields,
+    epoch_batches,
+    epoch_order,
+    resize_masks,
+    shard,
 )
 
-__all__ = ["FIELDS", "IMAGENET_MEAN", "IMAGENET_STD", "ORDERS", "PIPELINES", "FFCVLoader", "KDLoader",
+__all__ = ["FIELDS", "IMAGENET_MEAN", "IMAGENET_STD", "LOADER_PIPELINES", "ORDERS", "FFCVLoader", "KDLoader",
            "auto_resident", "make_loader", "resident_budget", "resident_bytes"]
 
 GiB = 1 << 30
@@ -71,18 +88,36 @@ def make_loader(
 ) -> KDLoader:
     """A loader of the ``.beton`` at ``path`` (see the module docstring for the pipelines).
 
-    ``num_workers``: FFCV's threads (default: all cores). ``channels_last``: None means True on
-    CUDA. ``order``: ``"random"`` (a permutation per epoch from ``seed``), ``"quasi_random"``
-    (FFCV's page-local shuffle, for sets larger than the page cache, mostly with ``os_cache=False``;
-    distributed too: every rank computes the same order and takes its shard; the device loader
-    treats it as random) or ``"sequential"``; None means sequential for ``*_val`` and random otherwise.
-    ``drop_last``: None means True for train pipelines. ``distributed``: shard each epoch over the
-    ranks of the ``torch.distributed`` group (or the explicit ``rank`` / ``world_size``): disjoint
-    shards covering the epoch (see :func:`._loading.shard`). ``os_cache``: FFCV reads through the
-    page cache (else its own process cache). ``fields``: any of "image", "label", "mask", "index",
-    yielded in the order given. ``mean`` / ``std``: per channel in 0..255 units (ImageNet's by
-    default). ``device_resident``: True, False or "auto" (the rule above). ``batches_ahead``:
-    FFCV's prefetch depth.
+    Args:
+        path: the ``.beton`` file.
+        pipeline: one of :data:`LOADER_PIPELINES`.
+        batch_size: samples per batch.
+        num_workers: FFCV's threads (default: all cores).
+        device: where the batches are delivered.
+        dtype: the images' floating dtype.
+        channels_last: images in channels_last memory (None: True on CUDA).
+        order: ``"random"`` (a permutation per epoch from ``seed``), ``"quasi_random"`` (FFCV's
+            page-local shuffle, for sets larger than the page cache, mostly with
+            ``os_cache=False``; distributed too: every rank computes the same order and takes its
+            shard; the device loader treats it as random) or ``"sequential"`` (None: sequential
+            for ``*_val``, random otherwise).
+        drop_last: drop the last partial batch (None: True for train pipelines).
+        distributed: shard each epoch over the ranks of the ``torch.distributed`` group (or the
+            explicit ``rank`` / ``world_size``): disjoint shards covering the epoch (see
+            :func:`kdengine.data.epoch_order` and ``shard``).
+        seed: the seed of the epoch orders (and of the device loader's crops and flips).
+        os_cache: FFCV reads through the page cache (else its own process cache).
+        fields: any of ``"image"``, ``"label"``, ``"mask"``, ``"index"``, yielded in the order given.
+        mean, std: per channel in 0..255 units (default: ImageNet's).
+        resolution: the output side of ``imagenet_*`` batches, or ``callable(epoch) -> int``.
+        device_resident: True, False or ``"auto"`` (the rule in the module docstring).
+        crop_padding: ``cifar_train``'s translation range in pixels.
+        padding_mode: ``"fill"`` (the mean colour) or ``"reflect"`` (device loader only).
+        rank, world_size: explicit sharding with ``distributed=True``.
+        batches_ahead: FFCV's prefetch depth.
+
+    Returns:
+        A :class:`KDLoader`: an :class:`FFCVLoader` or a :class:`~kdengine.data.DeviceLoader`.
     """
     config = LoaderConfig(
         pipeline=pipeline, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype,
@@ -118,8 +153,15 @@ def resident_bytes(info: BetonInfo, fields: Sequence[str] = ("image", "label")) 
 
 
 def resident_budget(device: Union[str, torch.device]) -> int:
-    """The most bytes "auto" puts on ``device``: 2 GiB of host memory, or a quarter of the free
-    memory of a CUDA device (it must leave room for the model and its activations)."""
+    """The most bytes ``device_resident="auto"`` puts on a device.
+
+    Args:
+        device: the loader's device.
+
+    Returns:
+        2 GiB for the CPU, or a quarter of the free memory of a CUDA device (it must leave room
+        for the model and its activations).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -230,8 +272,13 @@ class FFCVLoader(KDLoader):
         return ops
 
     def _pipeline(self, name: str) -> list:
-        from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder,
-                                          RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder)
+        from ffcv.fields.decoders import (
+            CenterCropRGBImageDecoder,
+            IntDecoder,
+            NDArrayDecoder,
+            RandomResizedCropRGBImageDecoder,
+            SimpleRGBImageDecoder,
+        )
         from ffcv.transforms import RandomHorizontalFlip, RandomTranslate
 
         c = self.config

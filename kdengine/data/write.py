@@ -1,8 +1,10 @@
-"""What ``kdengine data write`` does: one entry point over the three ``.beton`` writers of
-:mod:`kdengine.data.beton` (embedded dataset, CIFAR python-pickle directory, ImageFolder tree),
-with every option checked before any long work starts, and a summary of what was written.
+"""What ``kdengine data write`` does: one entry point, :func:`write`, over the three ``.beton``
+writers of :mod:`kdengine.data.beton` (embedded dataset, CIFAR python-pickle directory, ImageFolder
+tree), with a summary of what was written.
 
-The command line (kdengine/cli.py) only parses arguments, shows progress and prints the result.
+Every check lives with the writer that uses the value and runs before any long work (generation,
+decoding, writing); the command line (kdengine/cli.py) only parses arguments, shows progress and
+prints the result.
 """
 from __future__ import annotations
 
@@ -11,11 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..errors import SettingError
+
 SOURCE_FORMATS = ("embedded", "cifar", "imagefolder")
-ON_ERROR = ("fail", "skip")
 #: The default ``write_mode`` per source: the embedded and CIFAR images are tiny (raw is smaller
 #: to decode and bit-exact); an ImageFolder of photos is written as ffcv-imagenet does.
 DEFAULT_WRITE_MODE = {"embedded": "raw", "cifar": "raw", "imagefolder": "proportion"}
+#: The keyword arguments :func:`write` takes per source format (the source's own settings).
+SOURCE_ARGS = {
+    "embedded": ("split", "size", "num_classes", "per_class", "seed"),
+    "cifar": ("source", "split"),
+    "imagefolder": ("source", "max_resolution", "on_error"),
+}
 
 
 @dataclass
@@ -41,65 +50,80 @@ class WriteResult:
     skipped: list = field(default_factory=list)  # (file, reason) pairs an ImageFolder write left out
 
 
-def check_options(source_format: str, output, options: WriteOptions, *, max_resolution=None,
-                  on_error: str = "fail") -> None:
-    """Raise ``ValueError`` / ``FileExistsError`` for anything that would fail later, before any
-    generation, decoding or writing starts."""
-    from .beton import WRITE_MODES
+def write(source_format: str, output, options: Optional[WriteOptions] = None, *,
+          progress: Optional[Callable[[str, int, int], None]] = None, **settings) -> WriteResult:
+    """Write one dataset to a ``.beton`` file.
+
+    Args:
+        source_format: ``"embedded"``, ``"cifar"`` or ``"imagefolder"``.
+        output: the ``.beton`` file to write (written to a temporary file next to it and renamed
+            into place when complete).
+        options: the image encoding and writer options (default: :class:`WriteOptions`).
+        progress: called as ``progress(stage, done, total)`` during the long passes before the
+            write: ``"generating images"`` (embedded) and ``"checking images"`` (imagefolder).
+        **settings: the source's settings (:data:`SOURCE_ARGS`): embedded ``split`` (``train`` or
+            ``val``), ``size``, ``num_classes``, ``per_class`` (default: the split's count of
+            :class:`~kdengine.data.embedded.EmbeddedSpec`), ``seed``; cifar ``source`` (the
+            directory) and ``split`` (``train`` or ``test``); imagefolder ``source`` (the root),
+            ``max_resolution`` and ``on_error`` (``fail`` or ``skip``).
+
+    Returns:
+        A :class:`WriteResult`.
+
+    Raises:
+        SettingError: a bad setting, named as above.
+        FileNotFoundError: a missing source.
+        kdengine.data.beton.OutputExistsError: ``output`` exists and ``options.overwrite`` is off.
+        kdengine.data.beton.UnreadableImageError: an unreadable image with ``on_error="fail"``.
+        ImportError: FFCV is not installed.
+    """
+    from . import beton
 
     if source_format not in SOURCE_FORMATS:
-        raise ValueError(f"source format must be one of {SOURCE_FORMATS}, got {source_format!r}")
+        raise SettingError("source_format", f"must be one of {SOURCE_FORMATS}, got {source_format!r}")
+    unknown = sorted(set(settings) - set(SOURCE_ARGS[source_format]))
+    if unknown:
+        raise TypeError(f"write({source_format!r}): unexpected settings {unknown}; "
+                        f"it takes {SOURCE_ARGS[source_format]}")
+    if "source" in SOURCE_ARGS[source_format] and settings.get("source") is None:
+        raise SettingError("source", f"is required for {source_format!r} (the directory to read)")
+    options = options or WriteOptions()
     mode = options.write_mode or DEFAULT_WRITE_MODE[source_format]
-    if mode not in WRITE_MODES:
-        raise ValueError(f"--write-mode must be one of {WRITE_MODES}, got {mode!r}")
-    if not 0.0 <= options.compress_probability <= 1.0:
-        raise ValueError(f"--compress-probability must be in [0, 1], got {options.compress_probability}")
-    if not 1 <= options.jpeg_quality <= 100:
-        raise ValueError(f"--jpeg-quality must be in [1, 100], got {options.jpeg_quality}")
-    if options.num_workers is not None and options.num_workers < 1:
-        raise ValueError(f"--num-workers must be at least 1, got {options.num_workers}")
-    if options.chunk_size < 1:
-        raise ValueError(f"--chunk-size must be at least 1, got {options.chunk_size}")
-    if max_resolution is not None and max_resolution < 1:
-        raise ValueError(f"--max-resolution must be at least 1, got {max_resolution}")
-    if on_error not in ON_ERROR:
-        raise ValueError(f"--on-error must be one of {ON_ERROR}, got {on_error!r}")
-    output = Path(output)
-    if output.is_dir():
-        raise IsADirectoryError(f"output {output} is a directory; give the .beton file's path")
-    if output.exists() and not options.overwrite:
-        raise FileExistsError(f"output {output} exists; pass --overwrite to replace it")
+    common = dict(overwrite=options.overwrite, write_mode=mode, jpeg_quality=options.jpeg_quality,
+                  compress_probability=options.compress_probability, num_workers=options.num_workers,
+                  chunk_size=options.chunk_size)
 
+    def stage(name: str):
+        return None if progress is None else lambda done, total: progress(name, done, total)
 
-def prepare(source_format: str, output, options: WriteOptions = WriteOptions(), *, source=None,
-            split: str = "train", max_resolution=None, on_error: str = "fail", size: int = 32,
-            num_classes: int = 10, per_class: Optional[int] = None, seed: int = 0):
-    """Every check of one write, done before any long work (and FFCV imported, so a missing FFCV
-    fails here too). Returns the :class:`EmbeddedSpec` for ``embedded``, else ``None``."""
-    import ffcv.fields  # noqa: F401  (slow first import: numba; done before progress bars start)
-
-    spec = None
+    start = time.perf_counter()
+    skipped = []
     if source_format == "embedded":
-        from .embedded import EmbeddedSpec
-
-        if split not in ("train", "val"):
-            raise ValueError(f"embedded --split must be 'train' or 'val', got {split!r}")
-        counts = {}
-        if per_class is not None:
-            counts = {"train_per_class" if split == "train" else "val_per_class": per_class}
-        spec = EmbeddedSpec(num_classes=num_classes, size=size, seed=seed, **counts)  # validates
-        if spec.count(split) == 0:
-            raise ValueError("--per-class 0 gives an empty dataset")
+        spec, split = _embedded_spec(**settings)
+        path = beton.write_embedded(spec, split, output, progress=stage("generating images"), **common)
     elif source_format == "cifar":
-        if split not in ("train", "test"):
-            raise ValueError(f"CIFAR --split must be 'train' or 'test', got {split!r}")
-        if not Path(source).is_dir():
-            raise FileNotFoundError(f"CIFAR source {source} is not a directory")
-    elif source_format == "imagefolder":
-        if not Path(source).is_dir():
-            raise FileNotFoundError(f"ImageFolder source {source} is not a directory")
-    check_options(source_format, output, options, max_resolution=max_resolution, on_error=on_error)
-    return spec
+        path = beton.write_cifar(settings["source"], settings.get("split", "train"), output, **common)
+    else:
+        path, skipped = beton.write_image_folder(settings["source"], output, progress=stage("checking images"),
+                                                 max_resolution=settings.get("max_resolution"),
+                                                 on_error=settings.get("on_error", "fail"), **common)
+    return _result(path, source_format, start, mode, skipped)
+
+
+def _embedded_spec(split: str = "train", size: int = 32, num_classes: int = 10, per_class: Optional[int] = None,
+                   seed: int = 0):
+    """``(EmbeddedSpec, split)`` of the embedded source's settings; ``per_class`` sets the count
+    of the split written (the other split's count is irrelevant to this file)."""
+    from .embedded import EmbeddedSpec
+
+    counts = {}
+    if per_class is not None:
+        if per_class < 1:
+            raise SettingError("per_class", f"must be at least 1, got {per_class}")
+        counts = {"train_per_class" if split == "train" else "val_per_class": per_class}
+    spec = EmbeddedSpec(num_classes=num_classes, size=size, seed=seed, **counts)  # checks its fields
+    spec.count(split)  # checks the split
+    return spec, split
 
 
 def _result(path, source_format, start, mode, skipped=()) -> WriteResult:
@@ -111,57 +135,15 @@ def _result(path, source_format, start, mode, skipped=()) -> WriteResult:
                        write_mode=mode, skipped=list(skipped))
 
 
-def write_embedded_split(output, *, split: str = "train", size: int = 32, num_classes: int = 10,
-                         per_class: Optional[int] = None, seed: int = 0,
-                         options: WriteOptions = WriteOptions()) -> WriteResult:
-    """Generate one split (``train`` or ``val``) of the embedded dataset and write it.
-    ``per_class`` defaults to the :class:`~kdengine.data.embedded.EmbeddedSpec` default of the
-    split (5000 train, 1000 val)."""
-    from .beton import write_embedded
-
-    spec = prepare("embedded", output, options, split=split, size=size, num_classes=num_classes,
-                   per_class=per_class, seed=seed)
-    mode = options.write_mode or DEFAULT_WRITE_MODE["embedded"]
-    start = time.perf_counter()
-    path = write_embedded(spec, split, output, overwrite=options.overwrite, write_mode=mode,
-                          jpeg_quality=options.jpeg_quality, compress_probability=options.compress_probability,
-                          num_workers=options.num_workers, chunk_size=options.chunk_size)
-    return _result(path, "embedded", start, mode)
-
-
-def write_cifar_split(output, *, source, split: str = "train",
-                      options: WriteOptions = WriteOptions()) -> WriteResult:
-    """Write the ``train`` or ``test`` split of a CIFAR-10/100 python-pickle directory."""
-    from .beton import write_cifar
-
-    prepare("cifar", output, options, source=source, split=split)
-    mode = options.write_mode or DEFAULT_WRITE_MODE["cifar"]
-    start = time.perf_counter()
-    path = write_cifar(source, split, output, overwrite=options.overwrite, write_mode=mode,
-                       jpeg_quality=options.jpeg_quality, compress_probability=options.compress_probability,
-                       num_workers=options.num_workers, chunk_size=options.chunk_size)
-    return _result(path, "cifar", start, mode)
-
-
-def write_image_folder_tree(output, *, source, max_resolution: Optional[int] = None, on_error: str = "fail",
-                            options: WriteOptions = WriteOptions(),
-                            progress: Optional[Callable[[int, int], None]] = None) -> WriteResult:
-    """Write an ImageFolder tree (one sub-folder per class). ``progress(done, total)`` follows the
-    decode/validation pass over every image; FFCV's writer prints its own bar after it."""
-    from .beton import write_image_folder
-
-    prepare("imagefolder", output, options, source=source, max_resolution=max_resolution, on_error=on_error)
-    mode = options.write_mode or DEFAULT_WRITE_MODE["imagefolder"]
-    start = time.perf_counter()
-    path, skipped = write_image_folder(
-        source, output, overwrite=options.overwrite, max_resolution=max_resolution, write_mode=mode,
-        jpeg_quality=options.jpeg_quality, compress_probability=options.compress_probability,
-        on_error=on_error, num_workers=options.num_workers, chunk_size=options.chunk_size,
-        progress=progress)
-    return _result(path, "imagefolder", start, mode, skipped)
-
-
 def format_size(n: int) -> str:
+    """A byte count for people.
+
+    Args:
+        n: bytes.
+
+    Returns:
+        ``"512 B"``, ``"1.5 KiB"``, ... ``"2.0 GiB"``.
+    """
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -24,12 +24,12 @@ from .. import __version__
 from ..methods import build_method
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, num_classes_of, to_yaml, validate
-from .cuda_graph import CapturedStep
 from .datasets import build_loaders
 from .evaluate import evaluate_models
-from .metrics import DeviceMeter, RunLog, topk_correct
+from .metrics import DeviceMeter, RunLog
 from .schedule import lr_lambda
 from .setup import Precision, build_models, device_and_processes, model_tags
+from .step import JointStep, build_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,7 +122,8 @@ class Trainer:
                 self.models[i].requires_grad_(False)
         self.forward_models = [self._wrap_ddp(m) if tr else m for m, tr in zip(self.models, self.trainable)]
 
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(cfg.optim, self.models, [m.lr for m in cfg.models], self.trainable,
+                                         self.method, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.optim, self.steps_per_epoch, t.epochs)
         )
@@ -131,7 +132,9 @@ class Trainer:
         self.global_step = 0
         self.best: dict[str, float] = {}
         self.meter = DeviceMeter(self.device)
-        self._captured: Optional[CapturedStep] = None
+        self.step = JointStep(self.models, self.method, self.optimizer, self.precision, self.tags,
+                              forward_models=self.forward_models, dist=self.dist,
+                              cuda_graph=t.cuda_graph and not self.dist.enabled)
         self._stop_requested = False
 
         self.run_dir = self._resolve_run_dir()
@@ -149,26 +152,6 @@ class Trainer:
             return model
         ids = [self.device.index] if self.is_cuda else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        groups = []
-        for spec, model, trainable in zip(self.cfg.models, self.models, self.trainable):
-            if trainable:
-                groups.append({"params": list(model.parameters()), "lr": spec.lr or o.lr})
-        method_params = [p for p in self.method.parameters() if p.requires_grad]
-        if method_params:
-            groups.append({"params": method_params, "lr": o.lr})
-        if not groups:
-            raise ValueError(f"method {self.cfg.method.name} trains none of the models")
-        # On CUDA the learning rate lives in a device tensor so a captured step sees the schedule.
-        for g in groups:
-            g["initial_lr"] = float(g["lr"])  # the schedule's base, never the mutable tensor below
-            if self.is_cuda:
-                g["lr"] = torch.tensor(float(g["lr"]), device=self.device)
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay, fused=self.is_cuda or None,
-                               foreach=None if self.is_cuda else True)
 
     def _resolve_run_dir(self) -> Path:
         t = self.cfg.train
@@ -238,69 +221,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def _autocast(self):
-        return self.precision.autocast(cache_enabled=not self._use_cuda_graph())
-
-    def _forward(self, images, labels, indices):
-        outputs = []
-        for model, trainable in zip(self.forward_models, self.trainable):
-            if trainable:
-                outputs.append(model(images))
-            else:
-                with torch.no_grad():
-                    outputs.append(model(images))
-        return outputs, self.method(outputs, labels, indices)
-
-    def _step(self, images, labels, indices) -> dict[str, torch.Tensor]:
-        """Forward, losses, backward and the SGD step; returns on-device metrics (no host sync)."""
-        with self._autocast():
-            outputs, losses = self._forward(images, labels, indices)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
-        self.dist.average_gradients([p for p in self.method.parameters() if p.requires_grad])
-        self._optimizer_step(self.method.step_gates())
-        metrics = {"loss": losses.total.detach().float()}
-        metrics.update({k: v.detach().float() for k, v in losses.terms.items()})
-        for tag, out in zip(self.tags, outputs):
-            metrics[f"{tag}/top1"] = topk_correct(out.logits.detach(), labels, ks=(1,))[0].float() / labels.shape[0]
-        return metrics
-
-    def _optimizer_step(self, gates: Optional[torch.Tensor]) -> None:
-        """The SGD step; where the method gates a model off this iteration (``gates[m] == 0``,
-        e.g. SwitOKD's paused teacher) its parameters and momentum are put back, on the device."""
-        if gates is None:
-            self.optimizer.step()
-            return
-        gated = [p for i, m in enumerate(self.models) if self.trainable[i] for p in m.parameters()]
-        owner = [i for i, m in enumerate(self.models) if self.trainable[i] for _ in m.parameters()]
-        before = [p.detach().clone() for p in gated]
-        momenta = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in gated]
-        momenta = [None if b is None else b.clone() for b in momenta]
-        self.optimizer.step()
-        with torch.no_grad():
-            for p, old, old_m, i in zip(gated, before, momenta, owner):
-                keep = 1.0 - gates[i].to(p.dtype)  # 1: undo this model's step
-                p.lerp_(old, keep)
-                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    buf.lerp_(old_m if old_m is not None else torch.zeros_like(buf), keep)
-
     def train_step(self, images, labels, indices=None) -> dict[str, torch.Tensor]:
-        if self._use_cuda_graph():
-            if self._captured is None:
-                self._captured = CapturedStep(self._step, warmup=3)
-            return self._captured(images, labels, indices)
-        return self._step(images, labels, indices)
-
-    def _use_cuda_graph(self) -> bool:
-        return self.is_cuda and self.cfg.train.cuda_graph and not self.dist.enabled
+        """One joint step (:class:`~.step.JointStep`; captured on CUDA); on-device metrics."""
+        return self.step(images, labels, indices)
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, loader=None) -> dict[str, float]:
         """Top-1, top-5 and mean loss of every model and of their ensemble on the validation set."""
         result = evaluate_models(self.models, self.tags, loader or self.val_loader, self.device,
-                                 self._autocast, self.dist)
+                                 self.step.autocast, self.dist)
         for model, trainable in zip(self.models, self.trainable):
             model.train(trainable)
         return result

@@ -1,8 +1,8 @@
 """Fused distillation operators. Each op: ``<op>(…, impl=None)`` and ``<op>_reference``."""
-from .adm_pool import adm_pool, adm_pool_reference, adm_attention_reference, weighted_pool_reference
+from ._common import available_impls
+from .adm_pool import adm_attention_reference, adm_pool, adm_pool_reference, weighted_pool_reference
 from .cosine_similarity_map import cosine_similarity_map, cosine_similarity_map_reference
 from .feature_mse import feature_mse, feature_mse_reference
-from ._common import available_impls
 
 __all__ = [
     "adm_pool",

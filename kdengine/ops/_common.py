@@ -10,10 +10,24 @@ from .. import _extension
 
 IMPLS = ("reference", "cpu", "cuda", "triton")
 FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: The eps of the cosine similarity S in every op and backend: F.cosine_similarity's default, as
+#: in the paper's Algorithm 1.
+COS_EPS = 1e-8
 
 
 def check_feature_pair(op: str, feat_s, feat_t, *, require_4d: bool = True) -> None:
-    """Raise ValueError naming the argument and both shapes for anything the kernels can't take."""
+    """Refuse, naming the argument and both shapes, anything the kernels cannot take.
+
+    Args:
+        op: the op's name, for the message.
+        feat_s, feat_t: the features.
+        require_4d: whether both must be ``[B, C, H, W]``.
+
+    Raises:
+        TypeError: an argument is not a tensor.
+        ValueError: a dtype that is not floating, a wrong rank, or different shapes, dtypes or
+            devices.
+    """
     for name, x in (("feat_s", feat_s), ("feat_t", feat_t)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -40,16 +54,46 @@ def check_feature_pair(op: str, feat_s, feat_t, *, require_4d: bool = True) -> N
         )
 
 
+@torch.compiler.assume_constant_result  # triton's knobs are not traceable: a compiled graph keeps the mode it saw
+def triton_interpreter() -> bool:
+    """Whether Triton is in interpreter mode (``TRITON_INTERPRET=1``), in which it runs kernels on
+    CPU tensors. The one place kdengine asks.
+
+    ``@triton.jit`` reads the mode when a kernel module is imported, so
+    :mod:`kdengine.ops.triton` fixes it (``INTERPRET``) when first loaded; before that, this
+    answer follows the environment.
+
+    Returns:
+        False also when Triton is not installed.
+    """
+    if not _extension.HAS_TRITON:
+        return False
+    import triton
+
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # triton < 3.4 has no knobs
+        return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_usable(device: torch.device) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    """Triton runs on CUDA tensors, and on CPU tensors in interpreter mode (tests)."""
     if not _extension.HAS_TRITON:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cpu" and triton_interpreter()
 
 
 def available_impls(device: torch.device) -> list[str]:
+    """The backends this installation can run on a device.
+
+    Args:
+        device: the tensors' device.
+
+    Returns:
+        ``"reference"`` first, then those of ``"cpu"``, ``"cuda"``, ``"triton"`` that apply.
+    """
     impls = ["reference"]
     if device.type == "cpu" and _extension.HAS_CPU_OPS:
         impls.append("cpu")
@@ -61,8 +105,21 @@ def available_impls(device: torch.device) -> list[str]:
 
 
 def resolve_impl(op: str, impl: Optional[str], x: torch.Tensor) -> str:
-    """The backend to run: ``impl`` if given and usable, else the compiled kernel of the
-    tensor's device, else the reference."""
+    """The backend to run.
+
+    Args:
+        op: the op's name, for the messages.
+        impl: the backend asked for, or None.
+        x: an input tensor (its device decides).
+
+    Returns:
+        ``impl`` if given and available, else (None) the compiled kernel of the tensor's device,
+        else ``"reference"``.
+
+    Raises:
+        ValueError: an unknown ``impl``.
+        RuntimeError: an ``impl`` not available on the tensor's device.
+    """
     device = x.device
     if impl is None:
         compiled = "cuda" if device.type == "cuda" else "cpu" if device.type == "cpu" else None
@@ -93,4 +150,5 @@ def define_triton_op(name: str, schema: str, forward) -> None:
 
 
 def compiled_op_registered(name: str) -> bool:
+    """Whether the extension registered ``torch.ops.kdengine.<name>``."""
     return _extension.HAS_CPU_OPS and hasattr(torch.ops.kdengine, name)

@@ -15,16 +15,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
 from ._common import (
+    COS_EPS,
     check_feature_pair,
     compiled_op_registered,
     define_triton_op,
     opmath_dtype,
     resolve_impl,
 )
-from .. import _extension
-
-COS_EPS = 1e-8  # F.cosine_similarity's default, as in Algorithm 1
 
 
 def adm_attention_reference(feat_s: torch.Tensor, feat_t: torch.Tensor, eps: float = 1e-5):

@@ -11,16 +11,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
 from ._common import (
+    COS_EPS,
     check_feature_pair,
     compiled_op_registered,
     define_triton_op,
     opmath_dtype,
     resolve_impl,
 )
-from .. import _extension
-
-COS_EPS = 1e-8
 
 
 def cosine_similarity_map_reference(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
@@ -31,9 +30,16 @@ def cosine_similarity_map_reference(feat_s: torch.Tensor, feat_t: torch.Tensor) 
 def cosine_similarity_map(
     feat_s: torch.Tensor, feat_t: torch.Tensor, *, impl: Optional[str] = None
 ) -> torch.Tensor:
-    """Cosine similarity over channels of two ``[B, C, H, W]`` maps -> ``[B, H, W]``.
+    """Cosine similarity over channels of two feature maps, per pixel.
 
-    ``impl`` as in :func:`kdengine.ops.adm_pool`. Output in the input dtype (fp32 accumulation).
+    Args:
+        feat_s, feat_t: ``[B, C, H, W]`` features of the same shape, dtype (fp32/fp16/bf16/fp64)
+            and device; contiguous or channels_last are read without a copy.
+        impl: as for :func:`kdengine.ops.adm_pool`.
+
+    Returns:
+        ``S [B, H, W]`` in the input dtype (fp32 accumulation, fp64 for fp64), differentiable in
+        both inputs.
     """
     check_feature_pair("cosine_similarity_map", feat_s, feat_t)
     impl = resolve_impl("cosine_similarity_map", impl, feat_s)

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import check_feature_pair, compiled_op_registered, define_triton_op, resolve_impl
 from .. import _extension
+from ._common import check_feature_pair, compiled_op_registered, define_triton_op, resolve_impl
 
 
 def feature_mse_reference(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,17 @@ def feature_mse_reference(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.T
 def feature_mse(
     feat_s: torch.Tensor, feat_t: torch.Tensor, *, impl: Optional[str] = None
 ) -> torch.Tensor:
-    """Mean squared error between two features of the same shape (any rank), as a 0-d tensor
-    in the input dtype; gradient flows into ``feat_s`` only. ``impl`` as in ``adm_pool``."""
+    """Mean squared error between a student and a (detached) teacher feature.
+
+    Args:
+        feat_s, feat_t: features of the same shape (any rank), dtype (fp32/fp16/bf16/fp64) and
+            device.
+        impl: as for :func:`kdengine.ops.adm_pool`.
+
+    Returns:
+        ``mean((feat_s - feat_t)^2)``, a 0-d tensor in the input dtype; the gradient flows into
+        ``feat_s`` only.
+    """
     check_feature_pair("feature_mse", feat_s, feat_t, require_4d=False)
     impl = resolve_impl("feature_mse", impl, feat_s)
     if impl == "reference":

@@ -7,8 +7,7 @@ ffcv = pytest.importorskip("ffcv", reason="FFCV is installed by `make test`; ins
 from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 
-from kdengine.data import (BETON_VERSION, EmbeddedSpec, atomic_beton, embedded_beton, generate,  # noqa: E402
-                           write_embedded)
+from kdengine.data import BETON_VERSION, EmbeddedSpec, atomic_beton, embedded_beton, generate, write_embedded  # noqa: E402
 
 SPEC = EmbeddedSpec(train_per_class=6, val_per_class=2, seed=3)
 

@@ -3,10 +3,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("ffcv", reason="FFCV is installed by `make test`; install the [ffcv] extra")
-from PIL import Image  # noqa: E402
-
 from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from kdengine.data import scan_image_folder, write_image_folder  # noqa: E402
 

@@ -7,10 +7,19 @@ import torch
 
 pytest.importorskip("ffcv", reason="FFCV is installed by `make test`; install the [ffcv] extra")
 
-from kdengine.data import (DeviceLoader, EmbeddedSpec, FFCVLoader, generate, make_loader,  # noqa: E402
-                           write_embedded)
+from kdengine.data import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeviceLoader,
+    EmbeddedSpec,
+    FFCVLoader,
+    LoaderConfig,
+    beton_info,
+    generate,
+    make_loader,
+    write_embedded,
+)
 from kdengine.data import loaders as loaders_module  # noqa: E402
-from kdengine.data._loading import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, beton_info  # noqa: E402
 from kdengine.data.loaders import auto_resident, resident_bytes  # noqa: E402
 
 SPEC = EmbeddedSpec(train_per_class=5, val_per_class=1, seed=5)  # 50 training images, 32 px
@@ -326,3 +335,23 @@ def test_from_arrays_checks_shapes():
     with pytest.raises(ValueError, match="crop_padding=8 must be smaller than the images"):
         DeviceLoader.from_arrays(images, np.zeros(4, np.int64), batch_size=2, crop_padding=8,
                                  padding_mode="reflect")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pipeline", ["cifar_train", "imagenet_train"])
+def test_device_loader_on_cuda_gives_the_cpu_batches(data, pipeline):
+    """Each batch's draws reach the GPU from pinned memory without a host sync, and are the CPU's."""
+    images, labels, masks = data
+
+    def make(device):
+        return DeviceLoader.from_arrays(images, labels, masks, pipeline=pipeline, batch_size=8, fields=ALL,
+                                        resolution=24, device=device)
+
+    for on_cpu, on_gpu in zip(epoch(make("cpu"), 1), epoch(make("cuda"), 1)):
+        image, label, mask, index = (x.cpu() for x in on_gpu)
+        assert torch.equal(label, on_cpu[1]) and torch.equal(index, on_cpu[3])
+        if pipeline == "cifar_train":  # a gather: exact
+            assert torch.equal(image, on_cpu[0]) and torch.equal(mask, on_cpu[2])
+        else:  # bilinear resampling: the GPU's arithmetic may differ in the last bits
+            torch.testing.assert_close(image, on_cpu[0], atol=1e-3, rtol=0)
+            assert (mask != on_cpu[2]).float().mean() < 0.01

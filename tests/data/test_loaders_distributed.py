@@ -4,14 +4,17 @@ the device-resident loader alike."""
 import json
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("ffcv", reason="FFCV is installed by `make test`; install the [ffcv] extra")
 
-from kdengine.data import EmbeddedSpec, make_loader, write_embedded  # noqa: E402
-from kdengine.data._loading import epoch_order  # noqa: E402
+from kdengine.data import (  # noqa: E402
+    EmbeddedSpec,
+    epoch_order,  # noqa: E402
+    make_loader,
+    write_embedded,
+)
 
 WORLD = 2
 

@@ -145,7 +145,7 @@ def test_cuda_graph_step_matches_the_eager_step_closely(tiny):
     cuda = [o for o in tiny if not o.startswith("train.device")] + ["train.device=cuda", "train.epochs=1"]
     graph, summary_graph = _train(cuda + ["train.run_name=graph"])
     eager, summary_eager = _train(cuda + ["train.run_name=eager", "train.cuda_graph=false"])
-    assert graph._captured is not None and graph._captured.graphs  # captured and replayed
-    assert eager._captured is None
+    assert graph.step.captured is not None and graph.step.captured.graphs  # captured and replayed
+    assert eager.step.captured is None
     for tag in ("teacher", "student"):
         assert abs(summary_graph["last"][f"{tag}/loss"] - summary_eager["last"][f"{tag}/loss"]) < 0.5

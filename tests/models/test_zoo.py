@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from kdengine.models import KDModel, ModelOutput, count_parameters, create_model, list_models, register_model
 
-IMAGENET = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2", "mobilenetv1", "mobilenetv2_100"}
+IMAGENET = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v2", "mobilenetv1",
+            "mobilenetv2_100"}
 # Token models (ViT/DeiT, Swin, Mixer, ResMLP) and ConvNeXt: timm layouts whose features are not
 # "[B, C, H, W] before a ReLU"; tests/models/test_timm_layouts.py holds their contract tests.
 TIMM_LAYOUTS = {"deit_tiny_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_window7_224",

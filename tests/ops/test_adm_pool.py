@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 
@@ -103,10 +105,19 @@ def test_opcheck(impl, device):
 
 def test_default_impl_is_the_compiled_kernel_of_the_device():
     s, t = make_pair((1, 4, 2, 2))
-    expected = "cpu" if "cpu" in ops.available_impls(s.device) else "reference"
-    from kdengine.ops._common import resolve_impl
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        adm_pool(s, t)
+    ran = {event.name for event in prof.events()}
+    compiled = "cpu" in ops.available_impls(s.device)
+    assert ("kdengine::adm_pool" in ran) == compiled
+    assert "kdengine::adm_pool_triton" not in ran  # Triton only when asked for
 
-    assert resolve_impl("adm_pool", None, s) == expected
+
+@pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="triton not installed")
+@pytest.mark.parametrize("interpret", ["0", "1"])
+def test_triton_on_cpu_follows_the_interpreter_mode(monkeypatch, interpret):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    assert ("triton" in ops.available_impls(torch.device("cpu"))) == (interpret == "1")
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,13 @@ from kdengine import ops
 from .helpers import make_pair, require
 
 
+def all_ops_loss(s, t, impl):
+    """A scalar through every op, forward and backward."""
+    ps, pt = ops.adm_pool(s, t, impl=impl)
+    sim = ops.cosine_similarity_map(s, t, impl=impl)
+    return ps.float().sum() + pt.float().sum() + sim.float().mean() + ops.feature_mse(s, t, impl=impl).float()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -20,9 +27,7 @@ def test_forward_backward_replays_in_a_cuda_graph(impl, dtype):
     def step():
         static_s.grad = None
         static_t.grad = None
-        ps, pt = ops.adm_pool(static_s, static_t, impl=impl)
-        sim = ops.cosine_similarity_map(static_s, static_t, impl=impl)
-        loss = ps.float().sum() + pt.float().sum() + sim.float().mean() + ops.feature_mse(static_s, static_t, impl=impl).float()
+        loss = all_ops_loss(static_s, static_t, impl)
         loss.backward()
         return loss
 
@@ -45,9 +50,7 @@ def test_forward_backward_replays_in_a_cuda_graph(impl, dtype):
     torch.cuda.synchronize()
 
     eager_s, eager_t = new_s.clone().requires_grad_(), new_t.clone().requires_grad_()
-    ps, pt = ops.adm_pool(eager_s, eager_t, impl=impl)
-    sim = ops.cosine_similarity_map(eager_s, eager_t, impl=impl)
-    loss = ps.float().sum() + pt.float().sum() + sim.float().mean() + ops.feature_mse(eager_s, eager_t, impl=impl).float()
+    loss = all_ops_loss(eager_s, eager_t, impl)
     loss.backward()
     torch.testing.assert_close(static_loss, loss)
     torch.testing.assert_close(static_s.grad, eager_s.grad)

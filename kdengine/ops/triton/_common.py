@@ -7,18 +7,16 @@ stride HW, pixel stride 1; NHWC: channel stride 1, pixel stride C) and coalesces
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._common import triton_interpreter
+
 # Whether the kernels of this package were decorated for the interpreter: @triton.jit reads
-# TRITON_INTERPRET when a kernel module is imported, not when the kernel is launched.
-try:
-    INTERPRET: bool = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # triton < 3.4 has no knobs
-    INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# the mode when a kernel module is imported, not when the kernel is launched.
+INTERPRET: bool = triton_interpreter()
 _INTERPRET = tl.constexpr(INTERPRET)
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import check_feature_pair, opmath_dtype
+from .._common import COS_EPS, check_feature_pair, opmath_dtype
 from ._common import (
     acc_type,
     check_device,
@@ -34,7 +34,6 @@ from ._common import (
     to_output,
 )
 
-COS_EPS = 1e-8  # F.cosine_similarity's default, as in Algorithm 1
 _TILE = 4096  # elements of one input in a [BLOCK_C, BLOCK_P] tile of the forward kernel
 
 

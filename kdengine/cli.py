@@ -65,7 +65,8 @@ def _cmd_bench_ops(args) -> int:
         config = bench_ops.make_config(
             device=args.device, dtype=args.dtype, cases=_csv_list(args.cases), ops=_csv_list(args.ops),
             providers=_csv_list(args.providers), modes=_csv_list(args.modes), repeat=args.repeat,
-            channels_last=args.channels_last, output=_output(args, "ops"))
+            channels_last=args.channels_last, output=_output(args, "ops"),
+            batches=[int(b) for b in _csv_list(args.batches)] if args.batches else None, calls=args.calls)
     except SettingError as exc:
         print(f"kdengine bench ops: error: {_error_text(exc, args)}", file=sys.stderr)
         return 2
@@ -74,10 +75,11 @@ def _cmd_bench_ops(args) -> int:
         rows = bench_ops.run(config, progress)
     table = Table(title=f"kdengine bench ops on {rows[0]['device_name']} ({rows[0]['dtype']}, "
                         f"copy bandwidth {rows[0]['copy_bw_gbps']} GB/s)")
-    for col in ("case", "op", "mode", "provider", "median ms", "p20-p80", "GB/s", "% copy", "x eager", "x compile"):
+    for col in ("case", "B", "op", "mode", "provider", "median ms", "p20-p80", "GB/s", "% copy", "x eager",
+                "x compile"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["case"], r["op"], r["mode"], r["provider"], f"{r['median_ms']:.3f}",
+        table.add_row(r["case"], str(r["batch"]), r["op"], r["mode"], r["provider"], f"{r['median_ms']:.3f}",
                       f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}",
                       str(r["speedup_vs_eager"]), str(r["speedup_vs_compile"]))
     Console(width=max(160, Console().width)).print(table)  # full rows also when piped to a log
@@ -189,7 +191,10 @@ def _add_bench_parsers(sub) -> None:
                                           "(default: all available)")
     bops.add_argument("--modes", help=f"comma-separated: {', '.join(bench_ops.MODES)} (default: all)")
     bops.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (default: 10)")
-    bops.add_argument("--channels-last", action="store_true", help="features in channels_last")
+    bops.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                      help="features in channels_last (default: on CUDA, NCHW on the CPU)")
+    bops.add_argument("--batches", help="comma-separated batch sizes to run every case at (default: each case's own)")
+    bops.add_argument("--calls", type=int, help="back-to-back calls per timed sample (default: 20 on CUDA, 1 on CPU)")
     bops.add_argument("--output", help=f"CSV to append to (default: {DEFAULT_DIR}/ops.csv in the current directory)")
     bops.add_argument("--no-save", action="store_true", help="print only, append nothing")
     bops.set_defaults(func=_cmd_bench_ops)

@@ -6,6 +6,7 @@ line's default is ``./kdengine-bench/ops.csv`` (:func:`kdengine.bench.results.de
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -17,7 +18,7 @@ from ..errors import SettingError
 from ..losses import ADMLoss
 from ..ops import adm_pool, available_impls, cosine_similarity_map, feature_mse
 from .results import append_rows, provenance
-from .timing import copy_bandwidth_gbps, measure_interleaved
+from .timing import Timing, copy_bandwidth_gbps, measure_interleaved
 
 PROVIDERS = ("reference-eager", "reference-compile", "cpu", "cuda", "triton")
 MODES = ("fwd", "bwd", "fwdbwd")
@@ -124,12 +125,14 @@ class BenchConfig:
     repeat: int = 10
     channels_last: bool = False
     output: Optional[Path] = None  # None: append nowhere
+    batches: Optional[list] = None  # batch sizes to run each case at (None: each case's own)
+    calls: int = 1  # back-to-back calls inside one timed sample
 
 
 def make_config(*, device: Optional[str] = None, dtype: Optional[str] = None, cases: Optional[Sequence[str]] = None,
                 ops: Optional[Sequence[str]] = None, providers: Optional[Sequence[str]] = None,
-                modes: Optional[Sequence[str]] = None, repeat: int = 10, channels_last: bool = False,
-                output=None) -> BenchConfig:
+                modes: Optional[Sequence[str]] = None, repeat: int = 10, channels_last: Optional[bool] = None,
+                output=None, batches: Optional[Sequence[int]] = None, calls: Optional[int] = None) -> BenchConfig:
     """Check a selection by name and fill in the defaults.
 
     Args:
@@ -139,9 +142,13 @@ def make_config(*, device: Optional[str] = None, dtype: Optional[str] = None, ca
         ops: names from :data:`OPS` (default: all).
         providers: names from :data:`PROVIDERS` (default: all available on the device).
         modes: names from :data:`MODES` (default: all).
-        repeat: timed calls per measurement, at least 1.
-        channels_last: features in channels_last memory.
+        repeat: timed samples per measurement, at least 1.
+        channels_last: features in channels_last memory (default: on CUDA, the layout training
+            uses there; NCHW on the CPU).
         output: the CSV to append to, or None for none.
+        batches: batch sizes to run every case at (default: each case's own).
+        calls: back-to-back calls inside one timed sample (default: 20 on CUDA, where one call
+            of a small op is shorter than a launch and its synchronisation; 1 on the CPU).
 
     Returns:
         The :class:`BenchConfig`.
@@ -172,8 +179,15 @@ def make_config(*, device: Optional[str] = None, dtype: Optional[str] = None, ca
         raise SettingError("providers", f"{missing} are not available on {dev} (available: {available})")
     if repeat < 1:
         raise SettingError("repeat", f"must be at least 1, got {repeat}")
+    if batches is not None and (not batches or any(int(b) < 1 for b in batches)):
+        raise SettingError("batches", f"must be positive integers, got {list(batches)}")
+    calls = calls if calls is not None else (20 if dev.type == "cuda" else 1)
+    if calls < 1:
+        raise SettingError("calls", f"must be at least 1, got {calls}")
+    channels_last = dev.type == "cuda" if channels_last is None else bool(channels_last)
     return BenchConfig(device=dev, dtype=DTYPES[dtype], repeat=repeat, channels_last=channels_last,
-                       output=Path(output) if output is not None else None, **selection)
+                       output=Path(output) if output is not None else None,
+                       batches=[int(b) for b in batches] if batches else None, calls=calls, **selection)
 
 
 def run(config: BenchConfig, progress=None) -> list[dict]:
@@ -191,12 +205,15 @@ def run(config: BenchConfig, progress=None) -> list[dict]:
     base = {**provenance(device), "copy_bw_gbps": round(copy_bw, 2)}
     work = [(c, o) for c in config.cases for o in config.ops
             if not (o == "adm_loss" and len(CASES[c].stages) == 1)]
-    task = progress.add_task("bench ops", total=len(work) * len(config.modes)) if progress else None
+    n_batches = len(config.batches) if config.batches else 1
+    task = progress.add_task("bench ops", total=len(work) * len(config.modes) * n_batches) if progress else None
     rows = []
     for case_name, op in work:
-        timings = _measure_case(config, CASES[case_name], op, progress, task)
-        rows.extend(_row(base, config, CASES[case_name], op, provider, mode, t, copy_bw)
-                    for (provider, mode), t in timings.items())
+        for batch in config.batches or [CASES[case_name].batch]:
+            case = dataclasses.replace(CASES[case_name], batch=batch)
+            timings = _measure_case(config, case, op, progress, task)
+            rows.extend(_row(base, config, case, op, provider, mode, t, copy_bw)
+                        for (provider, mode), t in timings.items())
     _add_speedups(rows)
     if config.output:
         append_rows(config.output, rows)
@@ -222,15 +239,28 @@ def _measure_case(config: BenchConfig, case: Case, op: str, progress, task) -> d
         if progress:
             progress.update(task, description=f"{case.name} {op} {mode}")
         calls = {}
+        n = config.calls
         for provider, fn in fns.items():
+            # n back-to-back calls per timed sample: on a GPU one small call is shorter than the
+            # launch plus the event synchronisation that would otherwise be measured.
             if mode == "fwd":
-                calls[provider] = (lambda fn=fn: fn(feats_s, feats_t), clear)
+                def call(fn=fn):
+                    for _ in range(n):
+                        fn(feats_s, feats_t)
             elif mode == "bwd":  # the forward graph is built once, outside the timing
-                calls[provider] = (lambda loss=fn(feats_s, feats_t): loss.backward(retain_graph=True), clear)
+                def call(loss=fn(feats_s, feats_t)):
+                    for _ in range(n):
+                        clear()
+                        loss.backward(retain_graph=True)
             else:
-                calls[provider] = (lambda fn=fn: fn(feats_s, feats_t).backward(), clear)
+                def call(fn=fn):
+                    for _ in range(n):
+                        clear()
+                        fn(feats_s, feats_t).backward()
+            calls[provider] = (call, clear)
         for provider, timing in measure_interleaved(calls, config.device, repeat=config.repeat).items():
-            timings[(provider, mode)] = timing
+            timings[(provider, mode)] = Timing(timing.median_ms / n, timing.p20_ms / n, timing.p80_ms / n,
+                                               timing.samples)
         del calls  # frees the bwd mode's graphs before the next mode
         if progress:
             progress.advance(task)
@@ -256,6 +286,7 @@ def _row(base: dict, config: BenchConfig, case: Case, op: str, provider: str, mo
         "p20_ms": round(t.p20_ms, 4),
         "p80_ms": round(t.p80_ms, 4),
         "samples": t.samples,
+        "calls_per_sample": config.calls,
         "bytes_moved": moved,
         "gbps": round(gbps, 2),
         "pct_copy_bw": round(100 * gbps / copy_bw, 1),
@@ -264,8 +295,8 @@ def _row(base: dict, config: BenchConfig, case: Case, op: str, provider: str, mo
 
 def _add_speedups(rows: list[dict]) -> None:
     """speedup_vs_eager / speedup_vs_compile: the reference providers' median over this row's."""
-    index = {(r["case"], r["op"], r["mode"], r["provider"]): r["median_ms"] for r in rows}
+    index = {(r["case"], r["batch"], r["op"], r["mode"], r["provider"]): r["median_ms"] for r in rows}
     for r in rows:
         for key, provider in (("speedup_vs_eager", "reference-eager"), ("speedup_vs_compile", "reference-compile")):
-            ref = index.get((r["case"], r["op"], r["mode"], provider))
+            ref = index.get((r["case"], r["batch"], r["op"], r["mode"], provider))
             r[key] = round(ref / r["median_ms"], 3) if ref else ""

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..errors import SettingError
 from ..losses import ADMLoss
 from ..ops import adm_pool, available_impls, cosine_similarity_map, feature_mse
-from .results import append_rows, provenance
+from .results import append_rows, bench_device, provenance
 from .timing import Timing, copy_bandwidth_gbps, measure_interleaved
 
 PROVIDERS = ("reference-eager", "reference-compile", "cpu", "cuda", "triton")
@@ -156,12 +156,7 @@ def make_config(*, device: Optional[str] = None, dtype: Optional[str] = None, ca
     Raises:
         SettingError: an unknown name, a provider not available on the device, or ``repeat < 1``.
     """
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError) as exc:
-        raise SettingError("device", f"is not a torch device: {device!r} ({exc})") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise SettingError("device", f"must be a CPU or CUDA device, got {device!r}")
+    dev = bench_device(device)
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if dtype not in DTYPES:
         raise SettingError("dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")

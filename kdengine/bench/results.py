@@ -34,6 +34,31 @@ def default_output(suite: str) -> Path:
     return Path.cwd() / DEFAULT_DIR / f"{suite}.csv"
 
 
+def bench_device(name: Optional[str]) -> torch.device:
+    """The device a benchmark runs on.
+
+    Args:
+        name: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (CUDA when torch sees a GPU).
+
+    Returns:
+        The device.
+
+    Raises:
+        SettingError: not a CPU or CUDA device, or CUDA asked for where torch sees none.
+    """
+    from ..errors import SettingError
+
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as exc:
+        raise SettingError("device", f"is not a torch device: {name!r} ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SettingError("device", f"must be a CPU or CUDA device, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError("device", f"is {name!r} but this torch build sees no CUDA device")
+    return dev
+
+
 def append_rows(path, rows: list[dict]) -> None:
     """Append rows to a long-format CSV, writing the header when the file is new.
 

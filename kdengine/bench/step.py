@@ -33,7 +33,7 @@ from ..engine.step import JointStep, build_optimizer
 from ..errors import SettingError
 from ..methods import build_method
 from ..models import create_model
-from .results import append_rows, provenance
+from .results import append_rows, bench_device, provenance
 from .timing import measure, measure_interleaved
 
 PROVIDERS = ("eager-fp32", "eager-bf16", "compile", "kdengine")
@@ -99,14 +99,7 @@ def make_config(*, device: Optional[str] = None, cases: Optional[Sequence[str]] 
     Raises:
         SettingError: an unknown name or an out-of-range count.
     """
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError) as exc:
-        raise SettingError("device", f"is not a torch device: {device!r} ({exc})") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise SettingError("device", f"must be a CPU or CUDA device, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SettingError("device", f"is {device!r} but this torch build sees no CUDA device")
+    dev = bench_device(device)
     selection = {}
     for name, values, valid, default in (("cases", cases, tuple(CASES), DEFAULT_CASES[dev.type]),
                                          ("methods", methods, METHODS, METHODS),

@@ -29,6 +29,8 @@ $(STAMP): $(VENV)/bin/python pyproject.toml setup.py $(CSRC)
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q ninja pybind11 numpy rich omegaconf pyyaml matplotlib tensorboard pytest expecttest hypothesis triton
 	$(BIN)/python -m pip install -q ffcv numba pillow opencv-python-headless  # needs the apt packages above
+	@echo "compiling the C++ extension kdengine._C with $(JOBS) jobs (CPU kernels; the CUDA kernels too when nvcc is found):"
+	@echo "about 5 minutes on 2 cores, silent until done"
 	MAX_JOBS=$(JOBS) $(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	@touch $@
 

@@ -75,9 +75,22 @@ def extensions() -> list:
 
 
 def build_ext_class():
+    import sys
+
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    class Build(BuildExtension):
+        """torch's BuildExtension, saying first what it compiles and for how long (pip without -v
+        shows nothing of it)."""
+
+        def build_extensions(self):
+            cuda = "and CUDA kernels " if want_cuda() else ""
+            jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+            print(f"kdengine: compiling kdengine._C (CPU {cuda}kernels, {len(self.extensions[0].sources)} "
+                  f"sources, {jobs} jobs; MAX_JOBS sets them): about 5 minutes on 2 cores", file=sys.stderr)
+            super().build_extensions()
+
+    return Build.with_options(use_ninja=True)
 
 
 setup(

@@ -419,50 +419,153 @@ def _results_table(title: str, tags, names, roles, last: dict, best: dict | None
     return table
 
 
+#: kdengine train's flags that set a setting: (argparse dest, dotted setting).
+_TRAIN_FLAGS = (("method", "method.name"), ("resume", "train.resume"), ("device", "train.device"),
+                ("epochs", "train.epochs"), ("output_dir", "train.output_dir"), ("run_name", "train.run_name"))
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after a command as before it (its default leaves the top-level value alone)."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error too (errors you can fix are one line without it)")
+
+
+def _fail(prog: str, message: str, args, code: int = 2) -> int:
+    """An error the user can fix: one line on stderr, after its traceback with --debug."""
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _with_flags(text: str, args) -> str:
+    """A library message in the words the user typed: ``train.device=cuda`` becomes ``--device cuda``
+    where the device came from ``--device``."""
+    for dest, key in _TRAIN_FLAGS:
+        if getattr(args, dest, None) is not None:
+            text = text.replace(f"{key}=", f"{_flag(dest)} ")
+    return text
+
+
+def _train_overrides(args) -> list[str]:
+    """The key=value items of a `kdengine train` command line, its flags after them (they win)."""
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, dest)}" for dest, key in _TRAIN_FLAGS if getattr(args, dest) is not None]
+    if args.no_cuda_graph:
+        overrides.append("train.cuda_graph=false")
+    return overrides
+
+
+def _resume_command(args, cfg, run_dir, status) -> str:
+    """The `kdengine train` command that continues ``run_dir`` after it stopped with ``status``:
+    this command's settings, with ``--resume auto --run-name`` naming the run (and without
+    ``train.max_steps`` when that stopped it)."""
+    import shlex
+    from pathlib import Path
+
+    from .engine import RunStatus
+
+    elsewhere = run_dir.parent != Path(cfg.train.output_dir)  # resumed from a checkpoint path
+    drop = ("train.resume=", "train.run_name=") + (("train.output_dir=",) if elsewhere else ())
+    drop += ("train.max_steps=",) if status is RunStatus.MAX_STEPS else ()
+    words = ["kdengine", "train"] + (["--config", args.config] if args.config else [])
+    words += [o for o in args.overrides if not o.strip().startswith(drop)]
+    words += ["train.max_steps=null"] if status is RunStatus.MAX_STEPS else []
+    for dest, _ in _TRAIN_FLAGS:
+        value = getattr(args, dest)
+        if value is not None and dest not in ("resume", "run_name") and not (elsewhere and dest == "output_dir"):
+            words += [_flag(dest), str(value)]
+    words += ["--no-cuda-graph"] * bool(args.no_cuda_graph) + ["--quiet"] * bool(args.quiet)
+    words += ["--no-report"] * bool(getattr(args, "no_report", False))
+    words += ["--output-dir", str(run_dir.parent)] if elsewhere else []
+    return " ".join(shlex.quote(w) for w in words + ["--resume", "auto", "--run-name", run_dir.name])
+
+
+def _data_notice(cfg) -> str | None:
+    """What the first run on an embedded dataset spends its first minute on, or None when it is cached."""
+    from .data import EmbeddedSpec, cache_dir
+    from .engine.datasets import ffcv_available
+
+    if cfg.data.dataset != "embedded":
+        return None
+    e = cfg.data.embedded
+    spec = EmbeddedSpec(num_classes=e.num_classes, size=e.size, train_per_class=e.train_per_class,
+                        val_per_class=e.val_per_class, seed=e.seed)
+    where = cache_dir() / spec.key()
+    if ffcv_available() and where.is_dir():
+        return None
+    images = f"{spec.count('train'):,} + {spec.count('val'):,} images of {spec.size} px"
+    if not ffcv_available():  # no .beton cache: the arrays are generated in memory each run
+        return f"data: generating the embedded dataset ({images}); the default's 25,000 take about a minute on 2 cores"
+    return (f"data: generating the embedded dataset ({images}) into {where}, once; the default's 25,000 take "
+            f"about a minute on 2 cores, then FFCV writes them (its bars: the train split, then val)")
+
+
+def _run_files(run_dir) -> str:
+    """The records a run directory holds now (a run stopped in its first epoch has no metrics yet)."""
+    from pathlib import Path
+
+    names = ("config.yaml", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "curves.png", "tensorboard")
+    return ", ".join(n for n in names if (Path(run_dir) / n).exists())
+
+
 def _cmd_train(args) -> int:
     from rich.console import Console
 
-    from .engine import ConfigError, NonFiniteLossError, Trainer, load_config
+    from .engine import ConfigError, NonFiniteLossError, RunStatus, Trainer, load_config
 
     console = Console()
-    overrides = list(args.overrides)
-    for flag, key in ((args.method, "method.name"), (args.resume, "train.resume"), (args.device, "train.device"),
-                      (args.epochs, "train.epochs"), (args.output_dir, "train.output_dir"),
-                      (args.run_name, "train.run_name")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    if args.no_cuda_graph:
-        overrides.append("train.cuda_graph=false")
+    if not console.is_terminal:  # a log file: long lines kept whole, tables not squeezed into 80 columns
+        console = Console(soft_wrap=True, width=max(console.width, 120))
+    prog = "kdengine train"
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, _train_overrides(args))
+        notice = _data_notice(cfg) if not args.quiet else None
+        if notice:
+            console.print(notice, markup=False)
         trainer = Trainer(cfg, progress=not args.quiet, console=console)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"kdengine train: {exc}", file=sys.stderr)
-        return 2
+        return _fail(prog, _with_flags(str(exc), args), args)
+    trainer.resume_hint = lambda status: _resume_command(args, cfg, trainer.run_dir, status)
     if trainer.dist.is_main:
         models = ", ".join(f"{m.name} ({m.role})" for m in cfg.models)
-        resumed = f", resuming at epoch {trainer.epoch} step {trainer.global_step}" if trainer.global_step else ""
         console.print(f"[bold]kdengine train[/]: {cfg.method.name} on {models}; data {cfg.data.dataset}; "
-                      f"{cfg.train.epochs} epochs of {trainer.steps_per_epoch} steps on {trainer.device}"
-                      f"{' x' + str(trainer.dist.world_size) if trainer.dist.enabled else ''}{resumed}")
-        console.print(f"run directory: {trainer.run_dir}")
+                      f"{cfg.train.epochs} epoch{'s' * (cfg.train.epochs != 1)} of {trainer.steps_per_epoch} steps "
+                      f"on {trainer.device}"
+                      f"{' x' + str(trainer.dist.world_size) if trainer.dist.enabled else ''}")
+        console.print(f"run directory: {trainer.run_dir}", markup=False)
     try:
         summary = trainer.fit()
     except NonFiniteLossError as exc:
-        print(f"kdengine train: {exc}", file=sys.stderr)
-        return 1
+        return _fail(prog, str(exc), args, code=1)
     finally:
         trainer.dist.close()
     if not trainer.dist.is_main:
         return 0
-    if summary["last"]:
-        console.print(_results_table(f"{cfg.method.name}: validation after epoch {summary['last']['epoch'] + 1}",
-                                     trainer.tags, [m.name for m in cfg.models], list(trainer.roles),
-                                     summary["last"], summary["best"]))
-    console.print(f"run directory: {summary['run_dir']} (config.yaml, metrics.jsonl/.csv, checkpoint.pt, curves.png)")
-    if summary["status"] == "interrupted":
-        return 130
-    return 0
+    last = summary["last"]
+    if last:
+        finished = "" if summary["status"] is RunStatus.COMPLETED else f" (stopped: {summary['status']})"
+        console.print(_results_table(f"{cfg.method.name}: validation after epoch {last['epoch'] + 1} of "
+                                     f"{cfg.train.epochs}{finished}", trainer.tags, [m.name for m in cfg.models],
+                                     list(trainer.roles), last, summary["best"]))
+    else:
+        console.print("no epoch finished: no validation results yet")
+    console.print(f"run directory: {summary['run_dir']} ({_run_files(summary['run_dir'])})", markup=False)
+    if summary["status"] is RunStatus.COMPLETED and not args.no_report:
+        console.print(_train_report(summary["run_dir"], str(trainer.device)), markup=False)
+    return 130 if summary["status"] is RunStatus.INTERRUPTED else 0
+
+
+def _checkpoint_and_overrides(items: list[str]) -> tuple[str, list[str]]:
+    """`kdengine eval`'s positionals in any order: the one that is not key=value (or is a path) is the
+    checkpoint."""
+    import os
+
+    paths = [i for i in items if "=" not in i or os.path.exists(i)]
+    checkpoint = paths[0] if len(paths) == 1 else items[0]
+    return checkpoint, [i for i in items if i is not checkpoint]
 
 
 def _cmd_eval(args) -> int:
@@ -471,25 +574,15 @@ def _cmd_eval(args) -> int:
     from .engine import ConfigError
     from .engine.evaluate import evaluate_checkpoint
 
+    checkpoint, overrides = _checkpoint_and_overrides([args.checkpoint, *args.overrides])
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.overrides)
+        result = evaluate_checkpoint(checkpoint, overrides)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"kdengine eval: {exc}", file=sys.stderr)
-        return 2
-    Console().print(_results_table(f"{args.checkpoint} (after epoch {result['epoch']}): validation",
-                                   result["tags"], result["names"], result["roles"], result["metrics"]))
-    return 0
-
-
-def _cmd_viz(args) -> int:
-    from .viz import plot_run
-
-    try:
-        path = plot_run(args.run_dir, args.output)
-    except FileNotFoundError as exc:
-        print(f"kdengine viz: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
+        return _fail("kdengine eval", str(exc), args)
+    epoch, step = result["epoch"], result["step_in_epoch"]
+    when = f"after epoch {epoch}" if step == 0 else f"in epoch {epoch + 1}, after {step} of its steps"
+    Console().print(_results_table(f"{result['path']} ({when}): validation", result["tags"], result["names"],
+                                   result["roles"], result["metrics"]))
     return 0
 
 
@@ -508,7 +601,8 @@ def _add_train_parsers(sub) -> None:
                "  kdengine train --config configs/cifar100/table1_resnet32x4_resnet8x4.yaml method.name=dml\n"
                "  kdengine train --method vanilla --run-name teacher\n"
                "  kdengine train --method kd+adm models.0.checkpoint=runs/teacher/checkpoint.pt\n"
-               "  kdengine train --resume auto            # continue the run of the same name after a stop\n"
+               "  kdengine train --resume auto --run-name NAME   # continue a stopped run (the stop message\n"
+               "                                                 # prints this command)\n"
                "  torchrun --nproc-per-node 8 -m kdengine.cli train --config ...\n"
                "settings: see configs/embedded/default.yaml (every key with its default).",
     )
@@ -518,25 +612,267 @@ def _add_train_parsers(sub) -> None:
     train.add_argument("--method",
                        help="method.name, e.g. vanilla, dml, dml+adm, kd+adm (see kdengine.methods.list_methods)")
     train.add_argument("--resume",
-                       help="'auto' (continue the run directory's last checkpoint if any) or a checkpoint path")
+                       help="auto: continue the stopped run of this name (--run-name, else the default name "
+                            "or its numbered copies NAME-2, ...), an error when there is none or several; "
+                            "auto-or-new: the same, but start a new run when there is none (job scripts); or a "
+                            "checkpoint path or run directory. A finished run is never resumed (train.resume)")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
     train.add_argument("--epochs", type=int, help="train.epochs")
     train.add_argument("--output-dir", help="parent of run directories (train.output_dir, default runs)")
     train.add_argument("--run-name", help="run directory name (train.run_name)")
     train.add_argument("--no-cuda-graph", action="store_true", help="run the step eagerly on CUDA")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress (a bar on a terminal, else a line every train.log_every steps)")
+    train.add_argument("--no-report", action="store_true",
+                       help="no HTML report (RUN_DIR/report.html: curves, maps, IoU, calibration) at the end")
+    _add_debug(train)
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's models and their ensemble on the validation set")
-    ev.add_argument("checkpoint", help="a checkpoint.pt written by kdengine train")
+    ev.add_argument("checkpoint", help="a run directory or a checkpoint.pt written by kdengine train")
     ev.add_argument("overrides", nargs="*", metavar="key=value",
                     help="override the stored configuration, e.g. data.val_path=... train.device=cpu")
+    _add_debug(ev)
     ev.set_defaults(func=_cmd_eval)
 
-    viz = sub.add_parser("viz", help="plot a run's accuracy and loss curves to a PNG")
-    viz.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
-    viz.add_argument("--output", help="PNG path (default: RUN_DIR/curves.png)")
+    _add_viz_parser(sub)
+
+
+def _cmd_viz(args) -> int:
+    """``kdengine viz RUN_DIR ...``: each run's pictures into its directory (and ``--compare``);
+    ``kdengine viz report PATH ...``: the HTML report."""
+    from .viz.analysis import KINDS, analyze_run
+    from .viz.bands import plot_runs
+
+    targets = list(args.targets)
+    if targets[0] == "report":
+        return _cmd_viz_report(args, targets[1:])
+    prog = "kdengine viz"
+    kinds = _csv_list(args.only)
+    if kinds and any(k not in KINDS for k in kinds):
+        return _fail(prog, f"--only {args.only}: choose among {', '.join(KINDS)}", args)
+    if args.output and len(targets) > 1:
+        return _fail(prog, "--output names one run's curves PNG; with several runs use --compare PATH", args)
+    try:
+        for run in targets:
+            result = analyze_run(run, kinds, device=args.device, images=args.images, iou_images=args.iou_images,
+                                 curves_path=args.output)
+            for kind, paths in result["files"].items():
+                print(f"{run}: {kind}: {', '.join(str(p) for p in paths)}")
+            for note in result["notes"]:
+                print(f"{run}: note: {note}")
+        if args.compare:
+            print(f"wrote {plot_runs(targets, args.compare, args.over or 'train.seed')}")
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(prog, str(exc), args)
+    except OSError as exc:  # an image cannot be written there
+        return _fail(prog, f"cannot write {exc.filename}: {exc.strerror}; pass --output with a writable path", args)
+    return 0
+
+
+def _cmd_viz_report(args, paths: list[str]) -> int:
+    from .viz.report import write_report
+
+    prog = "kdengine viz report"
+    if not paths:
+        return _fail(prog, "give run directories or sweep folders: kdengine viz report RUN_DIR [RUN_DIR ...]", args)
+    if args.compare or args.only:
+        return _fail(prog, "--compare and --only are for the pictures; the report holds them all", args)
+    try:
+        path = write_report(paths, args.output, device=args.device, images=args.images, iou_images=args.iou_images,
+                            seed_key=args.over, log=print)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(prog, str(exc), args)
+    except OSError as exc:
+        return _fail(prog, f"cannot write {exc.filename}: {exc.strerror}; pass --output with a writable path", args)
+    print(f"wrote {path}")
+    return 0
+
+
+def _train_report(run_dir, device) -> str:
+    """The HTML report at the end of a finished `kdengine train`, as the line that says where it is;
+    a report that cannot be drawn is a warning, never a failed run."""
+    from .viz.report import write_report
+
+    try:
+        return f"report: {write_report([run_dir], device=device)}"
+    except Exception as exc:  # the run itself succeeded; say why the pictures are missing
+        return f"report: not written ({type(exc).__name__}: {exc}); try `kdengine viz report {run_dir} --debug`"
+
+
+_VIZ_EPILOG = """\
+examples:
+  kdengine viz runs/RUN                        # curves, maps, IoU, calibration into runs/RUN/
+  kdengine viz runs/RUN --only maps --images 10
+  kdengine viz runs/A runs/B runs/C --compare compare.png   # seeds of one setting as a band
+  kdengine viz report runs/RUN                 # runs/RUN/report.html (self-contained, offline)
+  kdengine viz report sweeps/embedded runs/A runs/B --output report.html
+
+Maps: S = cos(student, teacher) of the last stage (through the run's ADM connector, the identity,
+or a least-squares map where channels differ), ADM's A_co and A_di, each model's CAM. IoU with
+the object (data with masks, e.g. the embedded set): CAM region = min-max scaled CAM >= 0.5;
+similar region = S >= its image mean (A_co >= 1); discrepant = the rest; per kept epoch
+checkpoint (train.keep_checkpoints=true), else the last one. Calibration: 15-bin ECE.
+"""
+
+
+def _add_viz_parser(sub) -> None:
+    from .viz.analysis import KINDS
+
+    viz = sub.add_parser(
+        "viz", help="pictures of runs (curves, maps, foreground IoU, calibration); `viz report`: an HTML page",
+        description="Draw each run's pictures into its directory, each PNG with its numbers (JSON) beside it; "
+                    "`kdengine viz report PATH ...` writes one self-contained HTML report of run directories "
+                    "and sweep folders instead.",
+        epilog=_VIZ_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    viz.add_argument("targets", nargs="+", metavar="RUN_DIR",
+                     help="run directories; `report` first: the report of run directories and sweep folders")
+    viz.add_argument("--only", help=f"comma-separated: {', '.join(KINDS)} (default: all; the curves alone for a "
+                                    "run without checkpoint.pt)")
+    viz.add_argument("--output", help="one run: its curves PNG (default RUN_DIR/curves.png); report: the HTML "
+                                      "(default PATH/report.html for one path, else ./kdengine-report.html)")
+    viz.add_argument("--compare", metavar="PNG", help="also the runs' curves in one plot, seeds as bands")
+    viz.add_argument("--over", metavar="KEY", help="the setting averaged in bands and sweep tables (default: "
+                                                   "train.seed)")
+    viz.add_argument("--device", default="auto", help="where the models run: auto (default), cpu, cuda, cuda:N")
+    viz.add_argument("--images", type=int, default=6, help="validation images in the maps grid (default: 6)")
+    viz.add_argument("--iou-images", type=int, default=500,
+                     help="validation images of the IoU analysis (default: 500)")
+    _add_debug(viz)
     viz.set_defaults(func=_cmd_viz)
+
+
+# ------------------------------------------------------------------------------ kdengine sweep
+
+
+def _cmd_sweep(args) -> int:
+    import shlex
+
+    from .engine import ConfigError
+    from .sweep import (
+        LocalLauncher,
+        SubmititLauncher,
+        SweepError,
+        describe,
+        launch_sweep,
+        prepare_sweep,
+        train_command,
+    )
+
+    items = list(args.overrides)
+    if items and items[0] == "table":
+        return _cmd_sweep_table(args, items[1:])
+    prog = "kdengine sweep"
+    try:
+        parameters = dict(_executor_parameter(item) for item in args.executor_param or [])
+        sweep = prepare_sweep(items, args.config, args.name, args.output_dir, args.over or "train.seed",
+                              dry_run=args.dry_run)
+        launcher = (SubmititLauncher(sweep.sweep_dir / "submitit", args.cluster, parameters, wait=not args.no_wait)
+                    if args.launcher == "submitit" and not args.dry_run else LocalLauncher())
+    except (SweepError, ConfigError, FileNotFoundError, ModuleNotFoundError) as exc:
+        return _fail(prog, str(exc), args)
+    print(f"sweep {sweep.sweep_dir}: {len(sweep.runs)} runs, {len(sweep.pending)} to run"
+          + (f" ({len(sweep.plan.runs)} planned in the folder)" if len(sweep.plan.runs) != len(sweep.runs) else ""))
+    for line in describe(sweep):
+        print(f"  {line}")
+    if args.dry_run:
+        for run in sweep.pending:
+            print(f"  $ {shlex.join(train_command(run, sweep.sweep_dir, sweep.config, args.quiet))}")
+        return 0
+    try:
+        results = launch_sweep(sweep, launcher, quiet=args.quiet)
+    except KeyboardInterrupt:  # a second Ctrl-C, between runs
+        print("interrupted: the same command resumes the sweep (finished runs are skipped)")
+        return 130
+    statuses = {r["status"] for r in results.values()}
+    if args.launcher == "submitit" and args.no_wait:
+        print(f"submitted; `kdengine sweep table {sweep.sweep_dir}` once they have run")
+        return 0
+    code = _print_sweep_table(sweep.sweep_dir, args.over)
+    if "interrupted" in statuses:
+        print("interrupted: the same command resumes the sweep (finished runs are skipped)")
+        return 130
+    return 1 if "failed" in statuses else code
+
+
+def _print_sweep_table(sweep_dir, over) -> int:
+    from .sweep import to_markdown, write_tables
+
+    table, paths = write_tables(sweep_dir, over)
+    print(to_markdown(table), end="")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _cmd_sweep_table(args, rest: list[str]) -> int:
+    prog = "kdengine sweep table"
+    if len(rest) != 1:
+        return _fail(prog, "give one sweep folder: kdengine sweep table SWEEP_DIR", args)
+    try:
+        return _print_sweep_table(rest[0], args.over)
+    except FileNotFoundError as exc:
+        return _fail(prog, str(exc), args)
+
+
+def _executor_parameter(item: str) -> tuple:
+    """``--executor-param timeout_min=60`` -> ``("timeout_min", 60)`` (the value read as YAML)."""
+    import yaml
+
+    from .sweep import SweepError
+
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SweepError(f"--executor-param {item!r} must look like key=value, e.g. timeout_min=60")
+    return key.strip(), yaml.safe_load(value)
+
+
+_SWEEP_EPILOG = """\
+examples:
+  kdengine sweep method.name=vanilla,dml,dml+adm train.seed=0,1,2,3,4
+  kdengine sweep --name ablation method.name=dml+adm train.seed=0,1,2 \\
+      'method.options.adm={alpha: 0, beta: 0},{gamma: 0},{},{gamma: 0.01}'
+  kdengine sweep --config configs/cifar100/table1_resnet32x4_resnet8x4.yaml method.name=dml,dml+adm \\
+      train.seed=0,1,2 --launcher submitit --executor-param timeout_min=600 \\
+      --executor-param gpus_per_node=1 --executor-param slurm_partition=gpu
+  kdengine sweep ... --dry-run                # list the runs and their commands, change nothing
+  kdengine sweep table sweeps/embedded        # table.md, table.csv, runs.csv (also after a sweep)
+
+A value splits at commas outside [...], {...} and quotes; a mapping value sets several keys at
+once (the ablation above is one axis of 4). Runs are `kdengine train` processes with
+train.output_dir=SWEEP_DIR train.run_name=<axis values> train.resume=auto-or-new: the same
+command again skips finished runs and resumes interrupted ones exactly. Ctrl-C stops the current
+run with a checkpoint and ends the sweep. The table: rows = settings, columns = every model's
+last and best top-1, mean ± sample std over train.seed, n = finished runs; failed and missing
+runs are counted and listed, never averaged.
+"""
+
+
+def _add_sweep_parser(sub) -> None:
+    sweep = sub.add_parser(
+        "sweep", help="many runs (the cartesian product of comma-separated overrides) and their mean ± std table",
+        description="Run the cartesian product of comma-separated overrides as run directories under one "
+                    "sweep folder (OUTPUT_DIR/NAME), then write its table. `kdengine sweep table SWEEP_DIR` "
+                    "writes the table of a sweep folder.",
+        epilog=_SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("overrides", nargs="*", metavar="key=v1,v2",
+                       help="dotted overrides; several comma-separated values make an axis")
+    sweep.add_argument("--config", help="experiment YAML (default: the embedded default)")
+    sweep.add_argument("--name", help="the sweep folder's name (default: the config file's stem, or 'embedded')")
+    sweep.add_argument("--output-dir", default="sweeps", help="parent of sweep folders (default: sweeps)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and what would happen; write nothing")
+    sweep.add_argument("--launcher", choices=["local", "submitit"], default="local",
+                       help="local: one run after the other here (default); submitit: each run a job (SLURM "
+                            "through the submitit package: pip install 'kdengine[sweep]')")
+    sweep.add_argument("--cluster", help="submitit's executor: slurm, local or debug (default: submitit's "
+                                         "detection, SLURM where sbatch exists)")
+    sweep.add_argument("--executor-param", action="append", metavar="KEY=VALUE",
+                       help="submitit parameter, repeatable: timeout_min, gpus_per_node, cpus_per_task, mem_gb, "
+                            "slurm_partition, slurm_account, ...")
+    sweep.add_argument("--no-wait", action="store_true", help="submitit: return once the jobs are submitted")
+    sweep.add_argument("--over", metavar="KEY", help="the setting the table averages over (default: train.seed)")
+    sweep.add_argument("--quiet", action="store_true", help="the runs print no progress")
+    _add_debug(sweep)
+    sweep.set_defaults(func=_cmd_sweep)
 
 
 # ------------------------------------------------------------------------------ parser
@@ -545,9 +881,11 @@ def _add_train_parsers(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdengine",
-        description="kdengine: knowledge distillation with fused kernels. Commands: train, eval, viz, data, "
-                    "bench, info. Start with `kdengine train` (the embedded default).",
+        description="kdengine: knowledge distillation with fused kernels. Commands: train, eval, viz, sweep, "
+                    "data, bench, info. Start with `kdengine train` (the embedded default).",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error too (errors you can fix are one line without it)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="versions, devices, compiled backends, Triton and FFCV")
@@ -555,11 +893,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parsers(sub)
     _add_data_parser(sub)
     _add_train_parsers(sub)
+    _add_sweep_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come anywhere among a command's flags, as users type them
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     return args.func(args)
 
 

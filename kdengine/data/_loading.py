@@ -32,6 +32,8 @@ RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 
 Resolution = Union[int, Callable[[int], int]]
+#: ``imagenet_*`` pipelines' output side when ``resolution`` is None.
+DEFAULT_RESOLUTION = 224
 
 
 def _is_int(x) -> bool:
@@ -56,12 +58,16 @@ class LoaderConfig:
     fields: Sequence[str] = ("image", "label")
     mean: Optional[Sequence[float]] = None
     std: Optional[Sequence[float]] = None
-    resolution: Resolution = 224
+    resolution: Optional[Resolution] = DEFAULT_RESOLUTION
     crop_padding: int = 4
     padding_mode: str = "fill"
     rank: Optional[int] = None
     world_size: Optional[int] = None
     batches_ahead: int = 3
+    # Device-resident loader only (the FFCV loader has none of them):
+    resize: Optional[int] = None  # cifar_*: resize to resize x resize after the crop and flip
+    randaugment: Optional[str] = None  # *_train: timm's RandAugment, e.g. "rand-m9-mstd0.5-inc1"
+    random_erasing: float = 0.0  # *_train: timm's RandomErasing probability (pixel mode)
 
     def __post_init__(self):
         if self.pipeline not in LOADER_PIPELINES:
@@ -98,6 +104,8 @@ class LoaderConfig:
         self.std = _per_channel("std", IMAGENET_STD if self.std is None else self.std)
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.resolution is None:  # an unset setting passed on (the engine's data.resolution)
+            self.resolution = DEFAULT_RESOLUTION
         if callable(self.resolution):
             if self.pipeline != "imagenet_train":
                 raise ValueError(f"resolution: a per-epoch schedule (callable) is only for "
@@ -110,7 +118,22 @@ class LoaderConfig:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
         if not _is_int(self.batches_ahead) or self.batches_ahead < 1:
             raise ValueError(f"batches_ahead must be a positive int, got {self.batches_ahead!r}")
+        self._check_augmentations()
         self.rank, self.world_size = _rank_and_world(self.distributed, self.rank, self.world_size)
+
+    def _check_augmentations(self) -> None:
+        if self.resize is not None:
+            _check_resolution(self.resize, "resize")
+            if self.is_imagenet:
+                raise ValueError(f"resize is for cifar_* pipelines; {self.pipeline!r} resizes to `resolution`")
+        if self.randaugment is not None and not isinstance(self.randaugment, str):
+            raise ValueError(f"randaugment must be a string such as 'rand-m9-mstd0.5-inc1', got {self.randaugment!r}")
+        if not isinstance(self.random_erasing, (int, float)) or not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"random_erasing must be a probability in [0, 1], got {self.random_erasing!r}")
+        if self.is_val and (self.randaugment is not None or self.random_erasing):
+            raise ValueError(f"randaugment and random_erasing are training augmentations, not for {self.pipeline!r}")
+        if "mask" in self.fields and self.randaugment is not None:
+            raise ValueError("fields: 'mask' with randaugment is not supported (its geometric ops do not move masks)")
 
     @property
     def is_val(self) -> bool:
@@ -310,7 +333,7 @@ class KDLoader:
             The ``imagenet_*`` resolution of that epoch, or the stored size for ``cifar_*``.
         """
         if not self.config.is_imagenet:
-            return self._image_size[0]
+            return self.config.resize or self._image_size[0]
         return self.config.resolution_at(self.epoch if epoch is None else epoch)
 
     def __iter__(self) -> Iterator[tuple]:  # pragma: no cover - abstract

@@ -12,6 +12,15 @@ Pipelines as for FFCV, with two differences: ``imagenet_train``'s RandomResizedC
 with ``grid_sample`` (bilinear, no antialiasing when it shrinks) and ``imagenet_val`` resizes with
 antialiased bilinear interpolation (FFCV uses OpenCV's area resampling); ``cifar_train`` also has
 ``padding_mode="reflect"``. Masks follow every crop and flip (nearest sampling: they stay {0, 1}).
+
+Options only this loader has (see :class:`~._loading.LoaderConfig`), applied in timm's order
+after the crop and flip: ``resize`` (``cifar_*``: bilinear to ``resize x resize``, e.g. CIFAR's
+32 px to 224 as the PAT/OFA recipes train; masks follow, nearest), ``randaugment`` (timm's
+RandAugment, :class:`~.augment.RandAugment`), normalisation, then ``random_erasing`` (timm's
+RandomErasing, pixel mode, :class:`~.augment.RandomErasing`). Their draws come from the batch's
+generator after the crop and flip draws, so adding them leaves the crops and flips as they were;
+the erasing noise comes from a generator on the device seeded from it (the same batches on the
+same kind of device).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from ._loading import (
     seed_for,
     shard,
 )
+from .augment import RandAugment, RandomErasing
 
 __all__ = ["DeviceLoader"]
 
@@ -73,6 +83,8 @@ class DeviceLoader(KDLoader):
         self._shard_size = len(shard(np.arange(self.dataset_size), config.rank, config.world_size,
                                      config.drop_last))
         self._normalize = Normalizer(config)
+        self._rand_augment = RandAugment(config.randaugment, fill=config.mean) if config.randaugment else None
+        self._erasing = RandomErasing(config.random_erasing) if config.random_erasing else None
         self._init_epochs()
 
     # ------------------------------------------------------------------ constructors
@@ -168,6 +180,7 @@ class DeviceLoader(KDLoader):
             images, masks = self._translate_flip(sel, g, want_img, want_mask)
         elif c.pipeline == "imagenet_train":
             images, masks = self._random_resized_crop(sel, g, res, want_img, want_mask)
+            images = self._finish(images, g) if want_img else None
         else:
             h, w = self._image_size
             box = center_crop_box(h, w)
@@ -178,9 +191,36 @@ class DeviceLoader(KDLoader):
                     x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False, antialias=True)
                 images = self._normalize.nchw_float(x.clamp_(0, 255))
             masks = resize_masks(self.masks[sel], *box, res) if want_mask else None
+        if not c.is_imagenet:
+            images = self._finish_cifar(images, g) if want_img else None
+            if want_mask and c.resize and masks.shape[1:] != (c.resize, c.resize):
+                masks = F.interpolate(masks[:, None].float(), size=(c.resize, c.resize), mode="nearest")
+                masks = masks[:, 0].to(torch.uint8)
         out = {"image": images, "mask": masks}
         return tuple(out[f] if f in out else (self.labels if f == "label" else self.indices)[sel]
                      for f in c.fields)
+
+    def _finish_cifar(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` crops -> the normalised batch, resized and augmented as asked."""
+        c = self.config
+        if not (c.resize or self._rand_augment or self._erasing):
+            return self._normalize.nhwc(images)  # the plain path: one conversion pass
+        x = images.permute(0, 3, 1, 2).float()
+        if c.resize and x.shape[2:] != (c.resize, c.resize):
+            shrink = c.resize < min(x.shape[2:])
+            x = F.interpolate(x, size=(c.resize, c.resize), mode="bilinear", align_corners=False, antialias=shrink)
+            x = x.clamp_(0, 255)
+        return self._finish(x, g)
+
+    def _finish(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Float ``[B, 3, H, W]`` in 0..255 -> RandAugment, normalisation, random erasing (as
+        configured; timm's order), with draws from the batch's generator ``g``."""
+        if self._rand_augment is not None:
+            x = self._rand_augment(x, g)
+        x = self._normalize.nchw_float(x)
+        if self._erasing is not None:
+            x = self._erasing(x, g)
+        return x
 
     def _translate_flip(self, sel, g, want_img, want_mask):
         """Pad-and-crop (a random shift of up to ``crop_padding`` pixels each way) and flip as one
@@ -216,12 +256,12 @@ class DeviceLoader(KDLoader):
         return self._gather(at, b, want_img, want_mask)
 
     def _gather(self, at: torch.Tensor, b: int, want_img: bool, want_mask: bool):
-        """Normalised images and masks of the pixels at flat positions ``at`` ([B*H*W])."""
+        """uint8 images ``[B, H, W, 3]`` and masks of the pixels at flat positions ``at`` ([B*H*W])."""
         h, w = self._image_size
         images = masks = None
         if want_img:
             rgba = self._pixels.index_select(0, at).view(torch.uint8).view(b, h, w, 4)
-            images = self._normalize.nhwc(rgba[..., :3])
+            images = rgba[..., :3]
         if want_mask:
             masks = self._mask_pixels.index_select(0, at).view(b, h, w)
         return images, masks
@@ -260,10 +300,9 @@ class DeviceLoader(KDLoader):
         theta[:, 1, 2] = (2 * top + ch) / h - 1
         grid = F.affine_grid(theta.to(dev, non_blocking=True), [b, 1, res, res], align_corners=False)
         images = masks = None
-        if want_img:
+        if want_img:  # float 0..255: normalised by the caller, after any RandAugment
             x = self.images[sel].permute(0, 3, 1, 2).float()
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-            images = self._normalize.nchw_float(x)
+            images = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if want_mask:
             m = F.grid_sample(self.masks[sel][:, None].float(), grid, mode="nearest", padding_mode="border",
                               align_corners=False)

@@ -10,8 +10,12 @@ Pipelines (``pipeline=``):
 * ``imagenet_val``: centre crop of side ``224/256`` of the short side, resized to ``resolution``.
 * ``cifar_train``: random translation by up to ``crop_padding`` pixels (pad and crop; the border
   is the ``mean`` colour, ``padding_mode="fill"``, or mirrored, ``"reflect"``: device loader
-  only), random horizontal flip; the images keep their stored size (``resolution`` is unused).
-* ``cifar_val``: the images as stored.
+  only), random horizontal flip; the images keep their stored size (``resolution`` is unused), or
+  are resized to ``resize`` (device loader only).
+* ``cifar_val``: the images as stored (or resized to ``resize``).
+
+Training augmentations of the device loader only (see :mod:`.device_loader`): ``randaugment``
+(timm's RandAugment) and ``random_erasing`` (timm's RandomErasing); the FFCV loader refuses them.
 
 Then, on ``device`` (``ToDevice(non_blocking=True)`` on CUDA): NCHW, channels_last memory when
 asked, ``(x - mean) / std`` in ``dtype``.
@@ -85,6 +89,9 @@ def make_loader(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     batches_ahead: int = 3,
+    resize: Optional[int] = None,
+    randaugment: Optional[str] = None,
+    random_erasing: float = 0.0,
 ) -> KDLoader:
     """A loader of the ``.beton`` at ``path`` (see the module docstring for the pipelines).
 
@@ -115,6 +122,11 @@ def make_loader(
         padding_mode: ``"fill"`` (the mean colour) or ``"reflect"`` (device loader only).
         rank, world_size: explicit sharding with ``distributed=True``.
         batches_ahead: FFCV's prefetch depth.
+        resize: ``cifar_*``: resize the crops to ``resize x resize`` (bilinear; device loader only).
+        randaugment: ``*_train``: timm's RandAugment string, e.g. ``"rand-m9-mstd0.5-inc1"``
+            (device loader only).
+        random_erasing: ``*_train``: timm's RandomErasing probability, pixel mode (device loader
+            only).
 
     Returns:
         A :class:`KDLoader`: an :class:`FFCVLoader` or a :class:`~kdengine.data.DeviceLoader`.
@@ -124,7 +136,7 @@ def make_loader(
         channels_last=channels_last, order=order, drop_last=drop_last, distributed=distributed, seed=seed,
         os_cache=os_cache, fields=fields, mean=mean, std=std, resolution=resolution,
         crop_padding=crop_padding, padding_mode=padding_mode, rank=rank, world_size=world_size,
-        batches_ahead=batches_ahead)
+        batches_ahead=batches_ahead, resize=resize, randaugment=randaugment, random_erasing=random_erasing)
     if device_resident not in (True, False, "auto"):
         raise ValueError(f"device_resident must be True, False or 'auto', got {device_resident!r}")
     info = beton_info(path)
@@ -243,6 +255,10 @@ class FFCVLoader(KDLoader):
                 f"fields: 'mask' with pipeline {config.pipeline!r} is not supported by the FFCV loader "
                 "(its random crops and flips cannot be applied to the masks alike); use the device-resident "
                 "loader: make_loader(..., device_resident=True)")
+        asked = [name for name in ("resize", "randaugment", "random_erasing") if getattr(config, name)]
+        if asked:
+            raise ValueError(f"{', '.join(asked)}: only the device-resident loader has them (device_resident=True); "
+                             "FFCV's pipelines are the crop and flip alone")
         if config.padding_mode != "fill":
             raise ValueError(f"padding_mode={config.padding_mode!r} is only available on the device-resident "
                              "loader (device_resident=True); FFCV translates with a fill colour ('fill')")

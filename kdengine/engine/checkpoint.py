@@ -66,6 +66,34 @@ def load(path: os.PathLike | str, map_location="cpu") -> dict:
         raise ValueError(f"checkpoint {path} could not be read: {exc}") from exc
 
 
+def position(path: os.PathLike | str) -> dict:
+    """Where the run that saved ``path`` stands, without reading its tensors (the file is
+    memory-mapped): what choosing a run to continue needs.
+
+    Args:
+        path: a checkpoint written by the trainer.
+
+    Returns:
+        ``{"epoch", "step_in_epoch", "global_step", "epochs", "config"}``: the epochs completed,
+        the steps done in the next one, the steps in all, the run's ``train.epochs`` and its
+        configuration (a plain dict).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable kdengine training checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        config = state["config"]
+        return {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"],
+                "global_step": state["global_step"], "epochs": config["train"]["epochs"], "config": config}
+    except Exception as exc:  # truncated, foreign, or not a training checkpoint
+        raise ValueError(f"checkpoint {path} could not be read as a kdengine training checkpoint: {exc}") from exc
+
+
 def find_last(run_dir: os.PathLike | str) -> Optional[Path]:
     path = Path(run_dir) / LAST
     return path if path.is_file() else None

@@ -12,11 +12,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ..data import ORDERS
+from ..data.augment import parse_rand_augment
 from ..methods import ROLES, list_methods
 from ..models import list_models
 
@@ -25,6 +27,7 @@ DATASETS = ("embedded", "beton")
 #: (see :func:`kdengine.data.make_loader`) a run trains and validates with.
 DATA_RECIPES = ("cifar", "imagenet")
 SCHEDULES = ("multistep", "step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -65,7 +68,10 @@ class DataConfig:
     val_path: Optional[str] = None
     num_classes: Optional[int] = None  # dataset=beton: required; embedded: from `embedded`
     pipeline: str = "cifar"  # cifar (pad-crop + flip) | imagenet (RandomResizedCrop + flip)
-    resolution: int = 224  # imagenet pipeline: training crop and validation output size
+    # The side of the images the models see. imagenet pipeline: the training crop and validation
+    # output size (null: 224). cifar pipeline: the crops resized to it, bilinear, e.g. CIFAR's 32 px
+    # to 224 as the PAT/OFA recipes train (null: the stored size; device-resident loader only).
+    resolution: Optional[int] = None
     crop_padding: Optional[int] = None  # cifar pipeline's pad-and-crop shift; default: image size / 8
     batch_size: int = 128  # per process
     val_batch_size: Optional[int] = None  # default: 2 x batch_size
@@ -75,6 +81,20 @@ class DataConfig:
     device_resident: Any = "auto"  # true | false | auto (small sets held whole on the device)
     mean: Optional[list[float]] = None  # per channel, 0..255; default: the dataset's stats
     std: Optional[list[float]] = None
+    # Training augmentations of the device-resident loader (the FFCV loader has none of them), in
+    # timm's order after the crop and flip: RandAugment as timm's string (e.g. rand-m9-mstd0.5-inc1,
+    # the PAT/OFA ViT recipes; null: off), then normalisation, then random erasing with this
+    # probability per image (timm's RandomErasing, pixel mode; 0.25 in those recipes).
+    randaugment: Optional[str] = None
+    random_erasing: float = 0.0
+    # Mixup / cutmix of each training batch on the device (timm's Mixup, one lam per batch); every
+    # model sees the mixed images and the targets become soft [B, classes] (the method must take
+    # them). mixup / cutmix: Beta(alpha, alpha) parameter, 0: off (recipes: 0.8 / 1.0); mix_prob:
+    # probability of mixing a batch; switch_prob: of cutmix rather than mixup when both are on.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
 
 
 @dataclass
@@ -86,15 +106,22 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd | adamw (torch's AdamW, betas 0.9 / 0.999)
     lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
     weight_decay: float = 5e-4
+    # Weight decay on biases and 1-D parameters (norm scales) too; null: false for adamw (as timm),
+    # true for sgd (timm's recipes exclude them for sgd as well: set false).
+    decay_1d: Optional[bool] = None
+    clip_grad: Optional[float] = None  # clip the gradients to this total L2 norm over every trained parameter
     schedule: str = "cosine"  # multistep | step | cosine | constant
     milestones: list[int] = field(default_factory=list)  # multistep, in epochs
     step_size: int = 30  # step, in epochs
     gamma: float = 0.1  # multistep / step factor
-    warmup_epochs: float = 0.0  # linear warm-up from 0, in (fractional) epochs
+    min_lr: float = 0.0  # cosine: the rate it ends at
+    warmup_epochs: float = 0.0  # linear warm-up (per step) from warmup_lr, in (fractional) epochs
+    warmup_lr: float = 0.0
 
 
 @dataclass
@@ -107,13 +134,21 @@ class TrainConfig:
     cuda_graph: bool = True  # capture the joint step on CUDA (eager elsewhere)
     threads: Optional[int] = None  # CPU intra-op threads (default: torch's)
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in all
-    log_every: int = 20  # steps between host syncs: progress bar, non-finite check
+    log_every: int = 20  # steps between host syncs: progress bar (a log line off a terminal), non-finite check
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: each epoch's end only)
     output_dir: str = "runs"
     run_name: Optional[str] = None  # default: <method>_<models>_seed<seed>
-    resume: Optional[str] = None  # null | auto | path to a checkpoint
+    # null: a new run | auto: continue the stopped run (an error when there is none) | auto-or-new:
+    # continue it if there is one, else start a new run (job scripts that may be requeued) | a checkpoint path
+    resume: Optional[str] = None
     tensorboard: bool = True  # when the tensorboard package is installed
     deterministic: bool = True  # torch.use_deterministic_algorithms on CPU
+    # Cross-entropy against (1 - e) one-hot + e / classes (folded into the mixup targets when
+    # data.mixup / cutmix are on): soft targets, which the method must take.
+    label_smoothing: float = 0.0
+    # An exponential moving average of each student's weights (timm's ModelEmaV2, e.g. 0.9998),
+    # updated after every step, evaluated each epoch beside the student as "<tag>_ema"; null: off.
+    ema_decay: Optional[float] = None
 
 
 @dataclass
@@ -157,6 +192,35 @@ def _key_error(cfg, dotted: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {dotted!r}{hint}; valid keys here: {', '.join(valid)}")
 
 
+_TYPE_PROBLEMS = (  # OmegaConf's wording of a value of the wrong type -> what the setting takes
+    ("converted to Integer", "must be an integer"),
+    ("converted to Float", "must be a number"),
+    ("is not a valid bool", "must be true or false"),
+    ("is not a ListConfig", "must be a list, e.g. [1, 2]"),
+    ("is not a subclass of", "is a section: set its keys (e.g. train.epochs=3), not the section"),
+)
+
+
+def _value_error(exc: OmegaConfBaseException, where: str, given: Optional[tuple[str, Any]] = None) -> ConfigError:
+    """A wrongly typed value as one line naming the setting, without OmegaConf's internals.
+
+    Args:
+        exc: OmegaConf's error.
+        where: what set the value (an override, a config file).
+        given: ``(key, value)`` of an override, to quote the value when the error is about that key.
+
+    Returns:
+        The error to raise.
+    """
+    text = str(exc.msg).splitlines()[0] if exc.msg else type(exc).__name__
+    key = str(exc.full_key) if exc.full_key else ""
+    problem = next((p for needle, p in _TYPE_PROBLEMS if needle in text), None)
+    if problem is None:
+        return ConfigError(f"{where}: {key + ': ' if key else ''}{text}")
+    got = f", got {given[1]!r}" if given is not None and given[0] == key and "section" not in problem else ""
+    return ConfigError(f"{where}: {key} {problem}{got}")
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``"optim.lr=0.1"`` -> ``("optim.lr", 0.1)``; the value is read as YAML (numbers, lists,
     null, booleans), so ``models.0.kwargs={width_mult: 0.5}`` works too."""
@@ -188,7 +252,7 @@ def _merge_file(cfg, path: str):
     except (ConfigKeyError, ConfigAttributeError) as exc:
         raise _key_error(cfg, str(exc.full_key), where) from None
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{where}: {exc.full_key}: {exc.msg}") from None
+        raise _value_error(exc, where) from None
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -210,7 +274,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         except (ConfigKeyError, ConfigAttributeError, KeyError, IndexError):
             raise _key_error(cfg, key, f"override {item!r}") from None
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"override {item!r}: {exc.msg}") from None
+            raise _value_error(exc, f"override {item!r}", (key, value)) from None
     return cfg
 
 
@@ -224,6 +288,36 @@ def _positive(value, key, allow_zero=False):
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _probability(value, key, below_one=False):
+    if not (0 <= value < 1 if below_one else 0 <= value <= 1):
+        raise ConfigError(f"{key}={value} must be in [0, {'1)' if below_one else '1]'}")
+
+
+def _check_recipe_options(cfg: DictConfig) -> None:
+    """The optimizer, schedule, augmentation, label-smoothing and EMA options of the recipes."""
+    o, d, t = cfg.optim, cfg.data, cfg.train
+    _choice(o.name, OPTIMIZERS, "optim.name")
+    _positive(o.clip_grad, "optim.clip_grad")
+    _positive(o.warmup_lr, "optim.warmup_lr", allow_zero=True)
+    _positive(o.min_lr, "optim.min_lr", allow_zero=True)
+    if o.min_lr and o.schedule != "cosine":
+        raise ConfigError(f"optim.min_lr is the end of the cosine schedule; optim.schedule={o.schedule} has none")
+    if o.min_lr >= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be below optim.lr={o.lr}")
+    for key in ("mixup", "cutmix"):
+        _positive(d[key], f"data.{key}", allow_zero=True)
+    for key in ("mix_prob", "switch_prob", "random_erasing"):
+        _probability(d[key], f"data.{key}")
+    if d.randaugment is not None:
+        try:
+            parse_rand_augment(d.randaugment)
+        except ValueError as exc:
+            raise ConfigError(f"data.randaugment: {exc}") from None
+    _probability(t.label_smoothing, "train.label_smoothing", below_one=True)
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in (0, 1), e.g. 0.9998 (or null: off)")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -263,6 +357,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(o.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
     if o.schedule == "multistep" and not o.milestones:
         raise ConfigError("optim.schedule=multistep needs optim.milestones (epochs), e.g. [150, 225]")
+    _check_recipe_options(cfg)
     t = cfg.train
     _positive(t.epochs, "train.epochs")
     _positive(t.max_steps, "train.max_steps")
@@ -272,6 +367,62 @@ def validate(cfg: DictConfig) -> None:
     _choice(t.precision, PRECISIONS, "train.precision")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+    _check_device_present(t.device)
+
+
+def _check_device_present(device: str) -> None:
+    """A CUDA ``train.device`` on a machine where torch sees no such GPU is a setting to fix, said
+    before any data or model is set up."""
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"train.device={device} but this torch build sees no CUDA device; "
+                          "use train.device=cpu (or auto)")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= count):
+        raise ConfigError(f"train.device={device} but torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def _flat(node, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> values; lists of sections by index (``models.1.name``), other lists whole."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out  # an empty section (method.options: {}) adds no key
+    if isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        out = {prefix[:-1]: len(node)}  # the number of sections (models) is a setting too
+        for i, value in enumerate(node):
+            out.update(_flat(value, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_differences(before, after) -> list[tuple[str, Any, Any]]:
+    """The settings that differ between two configurations.
+
+    Args:
+        before: a configuration (a DictConfig or a plain dict, e.g. a checkpoint's); completed with
+            the defaults first, so a setting added since it was saved counts as its default.
+        after: another one.
+
+    Returns:
+        ``(dotted key, value in before, value in after)`` for each difference, in key order; a key
+        missing on one side has the value None there.
+    """
+    flat = []
+    for cfg in (before, after):
+        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(
+            OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg))
+        flat.append(_flat(OmegaConf.to_container(merged, resolve=True)))
+    a, b = flat
+    return [(key, a.get(key), b.get(key)) for key in sorted(a.keys() | b.keys(), key=_natural)
+            if a.get(key) != b.get(key)]
+
+
+def _natural(key: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
 
 
 def num_classes_of(cfg: DictConfig) -> int:

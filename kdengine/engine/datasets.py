@@ -64,7 +64,7 @@ def _build_loaders(cfg, precision: Precision, dist: DistContext) -> tuple:
     train_size = d.batch_size
     val_size = d.val_batch_size or 2 * d.batch_size
     train = dict(pipeline=f"{d.pipeline}_train", batch_size=train_size, order=d.order,
-                 fields=("image", "label", "index"))
+                 fields=("image", "label", "index"), **_augmentations(d))
     val = dict(pipeline=f"{d.pipeline}_val", batch_size=val_size, order="sequential", fields=("image", "label"))
     common = _loader_options(cfg, precision, dist)
     if d.dataset == "embedded" and not ffcv_available():
@@ -102,7 +102,15 @@ def _loader_options(cfg, precision: Precision, dist: DistContext) -> dict:
     return dict(device=precision.device, dtype=precision.input_dtype, channels_last=precision.channels_last,
                 num_workers=d.num_workers, distributed=dist.enabled, seed=cfg.train.seed, os_cache=d.os_cache,
                 mean=list(d.mean) if d.mean is not None else None, std=list(d.std) if d.std is not None else None,
-                resolution=d.resolution, crop_padding=padding)
+                resolution=d.resolution, crop_padding=padding,
+                **({"resize": d.resolution} if d.pipeline == "cifar" and d.resolution is not None else {}))
+
+
+def _augmentations(data_cfg) -> dict:
+    """The training loader's augmentations that are set (options of the device-resident loader)."""
+    d = data_cfg
+    return {key: value for key, value in (("randaugment", d.randaugment), ("random_erasing", d.random_erasing))
+            if value}
 
 
 def _embedded_spec(cfg) -> EmbeddedSpec:

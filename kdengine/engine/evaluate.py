@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -58,16 +59,26 @@ def evaluate_checkpoint(path, overrides: Sequence[str] = ()) -> dict:
     device rule, precision and layout).
 
     Args:
-        path: a checkpoint written by :class:`~.trainer.Trainer`.
+        path: a checkpoint written by :class:`~.trainer.Trainer`, or its run directory.
         overrides: ``key=value`` items applied to the stored configuration (e.g.
             ``data.val_path=...``).
 
     Returns:
-        ``{"metrics", "tags", "names", "roles", "epoch", "config"}``.
+        ``{"metrics", "tags", "names", "roles", "epoch", "step_in_epoch", "config", "path"}``:
+        ``epoch`` counts the epochs completed, ``step_in_epoch`` the steps done in the next one
+        (0 at an epoch's end), ``path`` is the checkpoint file.
 
     Raises:
+        FileNotFoundError: no checkpoint at ``path``.
         ValueError: ``path`` is not a kdengine training checkpoint.
+        ConfigError: the configuration, with ``overrides``, is not valid here (e.g. a CUDA
+            ``train.device`` on a machine without one).
     """
+    path = Path(path)
+    if path.is_dir():
+        if ckpt.find_last(path) is None:
+            raise FileNotFoundError(f"{path} holds no {ckpt.LAST} (is it a kdengine run directory?)")
+        path = path / ckpt.LAST
     state = ckpt.load(path)
     if "config" not in state or "models" not in state:
         raise ValueError(f"{path} is not a kdengine training checkpoint (no config/models in it)")
@@ -81,4 +92,5 @@ def evaluate_checkpoint(path, overrides: Sequence[str] = ()) -> dict:
     tags = model_tags(cfg)
     metrics = evaluate_models(models, tags, val_loader, device, precision.autocast)
     return {"metrics": metrics, "tags": tags, "names": [m.name for m in cfg.models],
-            "roles": [m.role for m in cfg.models], "epoch": state["epoch"], "config": cfg}
+            "roles": [m.role for m in cfg.models], "epoch": state["epoch"],
+            "step_in_epoch": state.get("step_in_epoch", 0), "config": cfg, "path": path}

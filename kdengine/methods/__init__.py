@@ -2,14 +2,17 @@
 
 ``build_method(name, models, roles=..., num_classes=..., num_samples=..., **options)`` is what the
 engine calls; ``list_methods()`` names them all. Modules: ``base`` (the ``Method`` contract, roles),
-``adm`` (the ``+adm`` component), ``online``, ``offline``, ``builder``.
+``adm`` (the ``+adm`` component), ``online``, ``offline``, ``ofa`` and ``pat`` (heterogeneous
+distillation), ``builder``.
 """
 from ..losses.dml import mutual_kl
 from .adm import ADMPairs
 from .base import LOSS_KINDS, ROLES, LossOutput, Method, students_of, teachers_of, topology
 from .builder import PRESETS, build_method, list_methods, method_options
+from .ofa import OFA, ofa_loss, stage_features
 from .offline import DKD, KD, FitNet, HintRegressor, OfflineMethod, dkd_parts, hint_map
 from .online import DML, KDCL, SwitOKD, Vanilla, kdcl_ensemble, switokd_switch
+from .pat import PAT, PromptBlock, RegionAwareAttention
 
 __all__ = [
     "ADMPairs",
@@ -22,9 +25,13 @@ __all__ = [
     "LOSS_KINDS",
     "LossOutput",
     "Method",
+    "OFA",
     "OfflineMethod",
+    "PAT",
     "PRESETS",
+    "PromptBlock",
     "ROLES",
+    "RegionAwareAttention",
     "SwitOKD",
     "Vanilla",
     "build_method",
@@ -34,6 +41,8 @@ __all__ = [
     "list_methods",
     "method_options",
     "mutual_kl",
+    "ofa_loss",
+    "stage_features",
     "students_of",
     "switokd_switch",
     "teachers_of",

@@ -15,8 +15,9 @@ if TYPE_CHECKING:  # only for annotations: adm.py imports this module
 #: What a model can be in a run; the engine's config validates ``models.<i>.role`` against it.
 ROLES = ("teacher", "student")
 
-#: Prefixes of the terms whose sum is ``LossOutput.total`` (the others are diagnostics).
-LOSS_KINDS = ("ce", "kl", "hint", "adm")
+#: Prefixes of the terms whose sum is ``LossOutput.total`` (the others are diagnostics); ``reg``:
+#: a regulariser of a method's own modules (PAT's prompt term, keyed by the teacher's index).
+LOSS_KINDS = ("ce", "kl", "hint", "adm", "reg")
 
 
 def teachers_of(roles: Sequence[str]) -> list[int]:
@@ -83,7 +84,8 @@ class Method(nn.Module):
     term of that pair (SwitOKD's switch); ``forward`` checks the inputs, adds the ADM terms
     (``"adm/m"``) and returns ``total`` = the sum of every term whose prefix is in ``LOSS_KINDS``.
     A subclass with rules on the roles overrides ``check_roles``; one that freezes some models
-    overrides ``trainable_of``.
+    overrides ``trainable_of``; one that runs its own forwards (PAT's prompted teacher) overrides
+    ``forward_batch``, which the engine calls for every batch.
 
     Attributes the engine reads:
         trainable: one bool per model; ``False`` models (offline teachers) run in eval mode
@@ -91,6 +93,8 @@ class Method(nn.Module):
         needs_indices: the method wants the dataset indices of each batch (``forward(...,
             indices=)``), e.g. ADM's ``di="kd"`` variant with its previous-epoch teacher
             predictions.
+        soft_targets: the method also takes soft targets ``[B, num_classes]`` (mixup / cutmix,
+            label smoothing done by the data path) in place of the labels ``[B]``.
 
     Anything that changes over training (a schedule's delta, a warm-up factor) lives in a
     buffer updated by ``start_epoch`` with ``fill_``/``copy_``, never as a Python float read in
@@ -105,6 +109,7 @@ class Method(nn.Module):
 
     trainable: tuple[bool, ...]
     needs_indices: bool = False
+    soft_targets: bool = False
 
     def __init__(self, roles: Sequence[str], num_classes: int, adm: Optional[ADMPairs] = None):
         super().__init__()
@@ -193,8 +198,10 @@ class Method(nn.Module):
                     f"{name}: model {m} logits must be [B, {self.num_classes}], got {tuple(z.shape)}"
                 )
         b = outputs[0].logits.shape[0]
-        if target.dim() != 1 or target.shape[0] != b:
-            raise ValueError(f"{name}: target must be [B] = [{b}], got {tuple(target.shape)}")
+        soft = self.soft_targets and target.dim() == 2 and tuple(target.shape) == (b, self.num_classes)
+        if not soft and (target.dim() != 1 or target.shape[0] != b):
+            also = f" or [B, {self.num_classes}] soft targets" if self.soft_targets else ""
+            raise ValueError(f"{name}: target must be [B] = [{b}]{also}, got {tuple(target.shape)}")
         if self.needs_indices:
             if indices is None:
                 raise ValueError(
@@ -229,11 +236,61 @@ class Method(nn.Module):
         gates = self.losses(outputs, target, terms)
         if self.adm is not None:
             self.adm(outputs, target, indices, terms, gates)
+        return self.loss_output(terms)
+
+    @staticmethod
+    def loss_output(terms: dict[str, torch.Tensor]) -> LossOutput:
+        """``LossOutput`` of named terms: ``total`` = the sum, in order, of the terms whose prefix is
+        in ``LOSS_KINDS``; every term detached for logging."""
         total = None
         for key, value in terms.items():
             if key.split("/", 1)[0] in LOSS_KINDS:
                 total = value if total is None else total + value
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})
+
+    def forward_batch(
+        self,
+        models: Sequence[nn.Module],
+        images: torch.Tensor,
+        target: torch.Tensor,
+        indices: Optional[torch.Tensor] = None,
+    ) -> tuple[list[ModelOutput], LossOutput]:
+        """The forwards and losses of one batch: what the engine's step calls.
+
+        The default runs every model once on ``images`` (trainable ones with gradients, frozen
+        ones under ``torch.no_grad``), then ``self(outputs, target, indices)``. A method that
+        needs other forwards (PAT: a second, prompted teacher forward with its activations kept)
+        overrides it.
+
+        Args:
+            models: what to call for each model's forward, in the order of ``roles`` (the
+                engine passes its DDP wrappers of the trainable models).
+            images: the batch.
+            target: the labels, ``[B]``.
+            indices: the dataset indices of the batch, ``[B]`` (see ``needs_indices``).
+
+        Returns:
+            ``(outputs, losses)``: each model's ``ModelOutput`` (what the engine's metrics read)
+            and the ``LossOutput``.
+        """
+        outputs = []
+        for model, trainable in zip(models, self.trainable):
+            if trainable:
+                outputs.append(model(images))
+            else:
+                with torch.no_grad():
+                    outputs.append(model(images))
+        return outputs, self(outputs, target, indices)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """The method's own trainable parameters per top-level submodule (e.g. PAT's ``raa``,
+        ``aligners``, ``prompts``), in elements; submodules without any are left out."""
+        counts = {}
+        for name, module in self.named_children():
+            n = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            if n:
+                counts[name] = n
+        return counts
 
     def extra_repr(self) -> str:
         return f"roles={self.roles}, trainable={self.trainable}"

@@ -29,6 +29,11 @@ Registry names (``list_models()``):
   (resmlp); ``convnext_tiny`` (convnext); ``mobilenetv2_100`` (timm_mobilenetv2). timm's
   ResNet-18/50 layouts equal torchvision's (``resnet18``, ``resnet50`` above). Token models
   report ``[B, L, C]`` token features (``feature_format == "tokens"``), see their modules.
+- Semantic segmentation (dilated ResNets at output stride 8, ``deep_stem`` and ``aux`` options,
+  ImageNet backbone weights through ``backbone_weights``): ``deeplabv3_resnet18``
+  ``deeplabv3_resnet101`` ``pspnet_resnet18`` ``pspnet_resnet101`` (segmentation). Their
+  ``forward`` returns a ``SegOutput`` (per-pixel logits, auxiliary logits, the head feature and
+  the stage features) instead of a ``ModelOutput``.
 No CIFAR ResNet has an ImageNet depth, so plain ``resnetN`` names cannot collide; the ``_cifar``
 suffix marks the CIFAR-stem copies of ImageNet depths, and ``mobilenet_v2`` (ImageNet) vs
 ``mobilenetv2`` (CIFAR) follows torchvision's spelling for the torchvision model.
@@ -42,6 +47,7 @@ from . import (  # noqa: F401
     imagenet_resnet,
     mlp_mixer,
     resmlp,
+    segmentation,
     shufflenet,
     swin,
     timm_mobilenetv2,

@@ -3,6 +3,7 @@ from ._common import available_impls
 from .adm_pool import adm_attention_reference, adm_pool, adm_pool_reference, weighted_pool_reference
 from .cosine_similarity_map import cosine_similarity_map, cosine_similarity_map_reference
 from .feature_mse import feature_mse, feature_mse_reference
+from .raa_attention import raa_attention, raa_attention_reference
 
 __all__ = [
     "adm_pool",
@@ -13,5 +14,7 @@ __all__ = [
     "cosine_similarity_map_reference",
     "feature_mse",
     "feature_mse_reference",
+    "raa_attention",
+    "raa_attention_reference",
     "available_impls",
 ]

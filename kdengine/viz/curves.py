@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from .figures import pyplot, save
+
 
 def _series(records: list[dict], split: str, suffix: str) -> dict[str, tuple[list, list]]:
     out: dict[str, tuple[list, list]] = {}
@@ -19,35 +21,72 @@ def _series(records: list[dict], split: str, suffix: str) -> dict[str, tuple[lis
     return out
 
 
+def _models(records: list[dict]) -> list[str]:
+    """The models' tags in the order the records name them, the ensemble last."""
+    names: list[str] = []
+    for r in records:
+        if r.get("split") == "val":
+            names += [k[: -len("/top1")] for k in r if k.endswith("/top1") and k[: -len("/top1")] not in names]
+    return [n for n in names if n != "ensemble"] + (["ensemble"] if "ensemble" in names else [])
+
+
 def plot_curves(records: list[dict], path: os.PathLike | str, title: str = "") -> Path:
-    """Two panels: validation top-1 of every model and the ensemble, and the training loss."""
-    import matplotlib
+    """Three panels against the (1-based) epochs: every model's and the ensemble's validation
+    top-1, their validation cross-entropy, and the training loss (the method's total, on its own
+    axis: its scale is not a cross-entropy's). A model has one colour in every panel, and every
+    point a marker, so a run of one epoch shows its values.
 
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
+    Args:
+        records: the run's ``metrics.jsonl`` records.
+        path: the PNG to write.
+        title: the figure's title (e.g. the run's name).
 
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for name, (xs, ys) in sorted(_series(records, "val", "/top1").items()):
-        acc_ax.plot(xs, ys, marker="o", ms=3, label=name, linestyle="--" if name == "ensemble" else "-")
-    acc_ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
-    acc_ax.grid(alpha=0.3)
-    acc_ax.legend()
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    plt = pyplot()
+    names = _models(records)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+    style = {name: dict(color=colour[name], marker="o", ms=4, linestyle="--" if name == "ensemble" else "-")
+             for name in names}
+
+    epochs = max((r["epoch"] + 1 for r in records if "epoch" in r), default=1)
+    # One epoch: single points, spread sideways so that equal values stay apart, each labelled.
+    spread = {name: 0.2 * (i - (len(names) - 1) / 2) for i, name in enumerate(names)} if epochs == 1 else {}
+
+    fig, (acc_ax, ce_ax, loss_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    for ax, suffix, label, heading in ((acc_ax, "/top1", "top-1 (%)", "validation accuracy"),
+                                       (ce_ax, "/loss", "cross-entropy", "validation cross-entropy")):
+        series = _series(records, "val", suffix)
+        for name in names:
+            if name in series:
+                xs, ys = series[name]
+                xs = [x + spread.get(name, 0.0) for x in xs]
+                ax.plot(xs, ys, label=name, **style[name])
+                if spread:
+                    ax.annotate(f"{ys[0]:.2f}", (xs[0], ys[0]), xytext=(0, 6), textcoords="offset points",
+                                ha="center", fontsize="small", color=colour[name])
+                    ax.margins(y=0.15)
+        ax.set(xlabel="epoch", ylabel=label, title=heading)
     train = [r for r in records if r.get("split") == "train" and "loss" in r]
-    if train:
-        loss_ax.plot([r["epoch"] + 1 for r in train], [r["loss"] for r in train], marker="o", ms=3, label="total")
-    for name, (xs, ys) in sorted(_series(records, "val", "/loss").items()):
-        loss_ax.plot(xs, ys, linestyle=":", label=f"{name} (val CE)")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="losses")
-    loss_ax.grid(alpha=0.3)
-    loss_ax.legend(fontsize="small")
+    loss_ax.plot([r["epoch"] + 1 for r in train], [r["loss"] for r in train], color="black", marker="o", ms=4,
+                 label="total (all models and terms)")
+    if spread and train:
+        loss_ax.annotate(f"{train[0]['loss']:.3f}", (1, train[0]["loss"]), xytext=(0, 6), textcoords="offset points",
+                         ha="center", fontsize="small")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="training loss (epoch mean)")
+    for ax in (acc_ax, ce_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.set_xlim(0.5, epochs + 0.5)
+        ax.xaxis.set_major_locator(FixedLocator(range(1, epochs + 1)) if epochs <= 12 else MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save(fig, path)
 
 
 def plot_run(run_dir: os.PathLike | str, output: os.PathLike | str | None = None) -> Path:

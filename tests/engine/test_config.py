@@ -74,11 +74,30 @@ def test_unknown_key_in_a_file_lists_the_valid_keys(tmp_path):
         ("data.dataset=beton", "data.dataset=beton needs data.train_path"),
         ("train.device=tpu", "train.device='tpu'"),
         ("data.mean=[1, 2]", "data.mean must list 3"),
+        ("optim.name=lamb", "optim.name='lamb' is not valid; choose one of: sgd, adamw"),
+        ("optim.clip_grad=0", "optim.clip_grad=0.0 must be > 0"),
+        ("optim.min_lr=0.1", "optim.min_lr=0.1 must be below optim.lr=0.05"),
+        (["optim.schedule=constant", "optim.min_lr=0.001"], "optim.min_lr is the end of the cosine schedule"),
+        ("train.label_smoothing=1", r"train.label_smoothing=1.0 must be in \[0, 1\)"),
+        ("train.ema_decay=1.5", r"train.ema_decay=1.5 must be in \(0, 1\)"),
+        ("data.mixup=-1", "data.mixup=-1.0 must be >= 0"),
+        ("data.switch_prob=2", r"data.switch_prob=2.0 must be in \[0, 1\]"),
+        ("data.random_erasing=1.5", r"data.random_erasing=1.5 must be in \[0, 1\]"),
+        ("data.randaugment=rand-q3", "data.randaugment: RandAugment spec 'rand-q3': unknown section 'q3'"),
+        ("data.resolution=0", "data.resolution=0 must be > 0"),
     ],
 )
 def test_bad_values_name_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        load_config(overrides=[override])
+        load_config(overrides=override if isinstance(override, list) else [override])
+
+
+def test_the_recipe_options_load():
+    cfg = load_config(overrides=["optim.name=adamw", "optim.clip_grad=5", "optim.warmup_lr=5e-7", "optim.min_lr=1e-5",
+                                 "data.randaugment=rand-m9-mstd0.5-inc1", "data.random_erasing=0.25",
+                                 "data.mixup=0.8", "data.cutmix=1.0", "train.label_smoothing=0.1",
+                                 "train.ema_decay=0.9998", "data.resolution=224"])
+    assert (cfg.optim.name, cfg.optim.clip_grad, cfg.train.ema_decay, cfg.data.resolution) == ("adamw", 5, 0.9998, 224)
 
 
 def test_every_data_recipe_has_its_loader_pipelines():

@@ -30,3 +30,25 @@ def test_cosine_ends_at_zero_and_warmup_ramps_linearly():
     w = lr_lambda(_cfg(schedule="constant", warmup_epochs=0.5), steps_per_epoch=10, epochs=2)
     assert [w(s) for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
     assert all(not math.isnan(f(s)) for s in range(25))
+
+
+def test_warmup_starts_from_warmup_lr_and_cosine_ends_at_min_lr():
+    cfg = _cfg(schedule="cosine", lr=0.1, warmup_epochs=1, warmup_lr=0.01, min_lr=0.001)
+    f = lr_lambda(cfg, steps_per_epoch=4, epochs=10)
+    cosine = [0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * s / 40)) for s in range(41)]  # relative to the base
+    ramp = [0.1 + (cosine[s] - 0.1) * (s + 1) / 4 for s in range(4)]  # from warmup_lr / lr = 0.1
+    assert [f(s) for s in range(4)] == pytest.approx(ramp)
+    assert [f(s) for s in range(4, 41)] == pytest.approx(cosine[4:])
+    assert 0.1 * f(40) == pytest.approx(0.001)
+    # another group's base: the same absolute start and end rates
+    g = lr_lambda(cfg, steps_per_epoch=4, epochs=10, base_lr=0.02)
+    assert 0.02 * g(40) == pytest.approx(0.001) and 0.02 * g(0) < 0.1 * f(0)
+
+
+def test_the_defaults_keep_the_warmup_from_zero_exactly():
+    f = lr_lambda(_cfg(schedule="cosine", warmup_epochs=0.5), steps_per_epoch=10, epochs=2)
+    for s in range(25):
+        value = 0.5 * (1.0 + math.cos(math.pi * min(s, 20) / 20))
+        if s < 5:
+            value *= (s + 1) / 5
+        assert f(s) == value  # bit for bit the formula before warmup_lr and min_lr existed

@@ -114,7 +114,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, monkeypa
         return out
 
     monkeypatch.setattr(trainer.method, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match="non-finite training loss at epoch 1.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss at epoch 2/2.*last good checkpoint"):
         trainer.fit()
     state = ckpt.load(trainer.run_dir / "checkpoint.pt")
     assert state["epoch"] == 1 and state["step_in_epoch"] == 0  # the end of epoch 0, untouched
@@ -135,7 +135,7 @@ def test_offline_teacher_needs_weights_and_stays_frozen(tiny):
 
 def test_existing_run_is_not_overwritten(tiny):
     _train(tiny + ["train.run_name=same", "train.max_steps=1"])
-    with pytest.raises(FileExistsError, match="train.resume=auto"):
+    with pytest.raises(FileExistsError, match=r"holds a stopped run \(stopped in epoch 1/2.*train.resume=auto"):
         Trainer(load_config(overrides=tiny + ["train.run_name=same"]), progress=False)
 
 

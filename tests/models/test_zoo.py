@@ -16,6 +16,9 @@ IMAGENET = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "mobil
 TIMM_LAYOUTS = {"deit_tiny_patch16_224", "vit_small_patch16_224", "swin_tiny_patch4_window7_224",
                 "swin_pico_patch4_window7_224", "swin_nano_patch4_window7_224", "mixer_b16_224", "convnext_tiny",
                 "resmlp_12_224"}
+# Segmentation models return a SegOutput (per-pixel logits); tests/models/test_segmentation.py
+# holds their contract tests.
+SEGMENTATION = {"deeplabv3_resnet18", "deeplabv3_resnet101", "pspnet_resnet18", "pspnet_resnet101"}
 # Seconds each on 2 CPU cores; a smaller sibling with the same code path stays in the fast set
 # (resnet8/14/20/8x4, wrn_16_1/16_2/40_1, vgg8/11/13, mobilenetv2_0_5, resnet18/50, ...).
 SLOW = {"resnet32", "resnet44", "resnet56", "resnet110", "resnet32x4", "wrn_40_2", "wrn_16_10", "vgg16",
@@ -37,15 +40,16 @@ def test_registry_holds_every_family():
     expected |= {"wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_16_10"}
     expected |= {f"vgg{d}" for d in (8, 11, 13, 16, 19)}
     expected |= {"mobilenetv2", "mobilenetv2_0_5", "shufflenetv1", "shufflenetv2", "resnet18_cifar", "resnet50_cifar"}
-    expected |= IMAGENET | TIMM_LAYOUTS
-    assert list_models() == sorted(expected)  # exactly these 41, each once
+    expected |= IMAGENET | TIMM_LAYOUTS | SEGMENTATION
+    assert list_models() == sorted(expected)  # exactly these 45, each once
 
 
 def test_registry_names_are_the_constructors_names():
     # one decorated function per model: ``grep "def resnet56"`` finds each registry name
     families = [importlib.import_module(f"kdengine.models.{m}") for m in
                 ("cifar_resnet", "imagenet_resnet", "wrn", "vgg", "cifar_mobilenetv2", "shufflenet",
-                 "imagenet_mobilenet", "vit", "swin", "mlp_mixer", "resmlp", "convnext", "timm_mobilenetv2")]
+                 "imagenet_mobilenet", "vit", "swin", "mlp_mixer", "resmlp", "convnext", "timm_mobilenetv2",
+                 "segmentation")]
     for name in list_models():
         ctors = [getattr(m, name) for m in families if callable(getattr(m, name, None))]
         assert len(ctors) == 1 and ctors[0].__name__ == name, name
@@ -69,7 +73,7 @@ def test_register_model_bare_and_named_reject_taken_names():
         register_model("wrn_16_1")(elsewhere)  # an explicit name wins over the function's
 
 
-@pytest.mark.parametrize("name", _names(exclude=TIMM_LAYOUTS))
+@pytest.mark.parametrize("name", _names(exclude=TIMM_LAYOUTS | SEGMENTATION))
 def test_contract_forward_backward(name):
     model = create_model(name, num_classes=NUM_CLASSES)
     assert isinstance(model, KDModel) and model.num_classes == NUM_CLASSES

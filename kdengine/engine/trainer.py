@@ -162,10 +162,20 @@ class Trainer:
 
         seed_everything(t.seed)  # the models' initialisation does not depend on the data set-up
         self.models = build_models(cfg, self.precision)
+        options = OmegaConf.to_container(cfg.method.options)
+        base_name = cfg.method.name.split("+")[0]
+        if base_name in ("pat", "ofa"):  # built for the training images' side unless the config says
+            own = options.setdefault(base_name, {})
+            if own.get("img_size") is None:
+                own["img_size"] = self.train_loader.resolution(0)
         self.method = build_method(
             cfg.method.name, list(self.models), roles=self.roles, num_classes=self.num_classes,
-            num_samples=self.train_loader.dataset_size, **OmegaConf.to_container(cfg.method.options),
+            num_samples=self.train_loader.dataset_size, **options,
         ).to(self.device)
+        counts = self.method.parameter_counts()
+        if counts and self.show_progress:
+            self._say_plain(f"{cfg.method.name} trains its own {sum(counts.values()):,} parameters: "
+                            + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         self.trainable = tuple(self.method.trainable)
         for i, (spec, trainable) in enumerate(zip(cfg.models, self.trainable)):
             if not trainable:

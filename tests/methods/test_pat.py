@@ -461,8 +461,9 @@ def test_trains_through_the_engine(tmp_path, monkeypatch):
     torch.save(teacher.state_dict(), path)
     overrides = TINY + [f"train.output_dir={tmp_path / 'runs'}", "train.epochs=1", "train.run_name=pat",
                         "models.0.name=resnet18", f"models.0.checkpoint={path}", "method.name=pat",
-                        "method.options={pat: {img_size: 16, dim: 32, num_queries: 16, heads: 4}}"]
+                        "method.options={pat: {dim: 32, num_queries: 16, heads: 4}}"]  # img_size: the data's
     trainer = Trainer(load_config(overrides=overrides), progress=False)
+    assert trainer.method.img_size == 16  # from the training loader: no model declares a size
     before = [b.beta.detach().clone() for b in trainer.method.prompts]
     summary = trainer.fit()
     assert summary["status"] == "completed"

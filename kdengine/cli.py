@@ -721,6 +721,8 @@ def _add_viz_parser(sub) -> None:
 
     viz = sub.add_parser(
         "viz", help="pictures of runs (curves, maps, foreground IoU, calibration); `viz report`: an HTML page",
+        usage="kdengine viz [options] RUN_DIR [RUN_DIR ...]\n"
+              "       kdengine viz report RUN_DIR|SWEEP_DIR [...] [--output HTML] [options]",
         description="Draw each run's pictures into its directory, each PNG with its numbers (JSON) beside it; "
                     "`kdengine viz report PATH ...` writes one self-contained HTML report of run directories "
                     "and sweep folders instead.",
@@ -763,10 +765,13 @@ def _cmd_sweep(args) -> int:
     if items and items[0] == "table":
         return _cmd_sweep_table(args, items[1:])
     prog = "kdengine sweep"
+    if not items:
+        return _fail(prog, "nothing to sweep: give overrides, e.g. method.name=dml,dml+adm train.seed=0,1,2 "
+                           "(kdengine sweep --help)", args)
     try:
         parameters = dict(_executor_parameter(item) for item in args.executor_param or [])
         sweep = prepare_sweep(items, args.config, args.name, args.output_dir, args.over or "train.seed",
-                              dry_run=args.dry_run)
+                              dry_run=args.dry_run, here=args.launcher == "local")
         launcher = (SubmititLauncher(sweep.sweep_dir / "submitit", args.cluster, parameters, wait=not args.no_wait)
                     if args.launcher == "submitit" and not args.dry_run else LocalLauncher())
     except (SweepError, ConfigError, FileNotFoundError, ModuleNotFoundError) as exc:
@@ -850,6 +855,8 @@ runs are counted and listed, never averaged.
 def _add_sweep_parser(sub) -> None:
     sweep = sub.add_parser(
         "sweep", help="many runs (the cartesian product of comma-separated overrides) and their mean ± std table",
+        usage="kdengine sweep [options] key=v1,v2,... [key=value ...]\n"
+              "       kdengine sweep table SWEEP_DIR [--over KEY]",
         description="Run the cartesian product of comma-separated overrides as run directories under one "
                     "sweep folder (OUTPUT_DIR/NAME), then write its table. `kdengine sweep table SWEEP_DIR` "
                     "writes the table of a sweep folder.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -92,6 +93,23 @@ def position(path: os.PathLike | str) -> dict:
                 "global_step": state["global_step"], "epochs": config["train"]["epochs"], "config": config}
     except Exception as exc:  # truncated, foreign, or not a training checkpoint
         raise ValueError(f"checkpoint {path} could not be read as a kdengine training checkpoint: {exc}") from exc
+
+
+def epoch_checkpoint_name(epochs_done: int) -> str:
+    """The file name of the checkpoint kept after ``epochs_done`` epochs (``train.keep_checkpoints``)."""
+    if epochs_done < 1:
+        raise ValueError(f"epochs_done must be >= 1, got {epochs_done}")
+    return f"checkpoint-epoch{epochs_done:03d}.pt"
+
+
+def epoch_checkpoints(run_dir: os.PathLike | str) -> list[tuple[int, Path]]:
+    """The per-epoch checkpoints of a run, ``[(epochs_done, path)]`` in epoch order."""
+    found = []
+    for path in Path(run_dir).glob("checkpoint-epoch*.pt"):
+        match = re.fullmatch(r"checkpoint-epoch(\d+)\.pt", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def find_last(run_dir: os.PathLike | str) -> Optional[Path]:

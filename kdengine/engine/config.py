@@ -136,6 +136,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in all
     log_every: int = 20  # steps between host syncs: progress bar (a log line off a terminal), non-finite check
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: each epoch's end only)
+    keep_checkpoints: bool = False  # also keep checkpoint-epoch<NNN>.pt after each epoch (kdengine viz: IoU per epoch)
     output_dir: str = "runs"
     run_name: Optional[str] = None  # default: <method>_<models>_seed<seed>
     # null: a new run | auto: continue the stopped run (an error when there is none) | auto-or-new:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from ..viz.calibration import ECE_BINS, calibration_bins, ece_from_bins
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, apply_overrides, validate
 from .datasets import build_loaders
@@ -21,7 +22,8 @@ from .setup import Precision, build_models, model_tags, resolve_device
 @torch.no_grad()
 def evaluate_models(models: Sequence[nn.Module], tags: Sequence[str], loader, device: torch.device,
                     autocast: Callable = nullcontext, dist: DistContext = DistContext()) -> dict[str, float]:
-    """``{tag}/top1``, ``{tag}/top5`` (percent) and ``{tag}/loss`` (mean cross-entropy) for every
+    """``{tag}/top1``, ``{tag}/top5`` (percent), ``{tag}/loss`` (mean cross-entropy) and ``{tag}/ece``
+    (expected calibration error in percent, :mod:`kdengine.viz.calibration`) for every
     model and for ``ensemble``, the mean of the models' predicted probabilities; summed over all
     ranks. Leaves the models in eval mode."""
     for model in models:
@@ -29,12 +31,16 @@ def evaluate_models(models: Sequence[nn.Module], tags: Sequence[str], loader, de
     names = list(tags) + ["ensemble"]
     sums = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # top1, top5, loss
     count = torch.zeros((), dtype=torch.float64, device=device)
+    bins = torch.zeros(len(names), ECE_BINS, 3, dtype=torch.float64, device=device)  # calibration sums
     loader.set_epoch(0)
     for batch in loader:
         images, labels = batch[0], batch[1]
         with autocast():
             logits = [m(images).logits.float() for m in models]
-        probs = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(0)
+        model_probs = [F.softmax(z, dim=1) for z in logits]
+        probs = torch.stack(model_probs).mean(0)
+        for i, p in enumerate(model_probs + [probs]):
+            bins[i] += calibration_bins(p, labels)
         scores = logits + [probs]
         for i, z in enumerate(scores):
             t1, t5 = topk_correct(z, labels)
@@ -46,10 +52,12 @@ def evaluate_models(models: Sequence[nn.Module], tags: Sequence[str], loader, de
         count += labels.shape[0]
     dist.all_reduce_sum(sums)
     dist.all_reduce_sum(count)
+    dist.all_reduce_sum(bins)
     values = (sums / count.clamp_min(1)).tolist()
     result = {}
-    for name, (top1, top5, loss) in zip(names, values):
-        result.update({f"{name}/top1": 100 * top1, f"{name}/top5": 100 * top5, f"{name}/loss": loss})
+    for name, (top1, top5, loss), b in zip(names, values, bins):
+        result.update({f"{name}/top1": 100 * top1, f"{name}/top5": 100 * top5, f"{name}/loss": loss,
+                       f"{name}/ece": ece_from_bins(b)})
     return result
 
 

@@ -10,6 +10,7 @@ import glob
 import math
 import random
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -576,6 +577,7 @@ class Trainer:
         for model, trainable in zip(self.models, self.trainable):
             model.train(trainable)
         self.train_loader.set_epoch(self.epoch, start_batch=self.step_in_epoch)
+        self._epoch_started = time.perf_counter()  # a resumed epoch times its remaining steps
         if progress:
             progress.update(task, description=f"epoch {self.epoch + 1}/{t.epochs}")
         window_start, window_images = time.perf_counter(), 0
@@ -650,18 +652,25 @@ class Trainer:
         # buffers (e.g. ADM's per-sample predictions of this rank's shard) stay per rank.
         norms = [m for m in self.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.dist.broadcast_buffers(list(self.models) + [ema.module for ema in self.emas] + norms)
+        train_seconds = time.perf_counter() - getattr(self, "_epoch_started", time.perf_counter())
+        eval_started = time.perf_counter()
         val = self.evaluate()
         val.update(self._evaluate_emas())
+        eval_seconds = time.perf_counter() - eval_started
         for tag in self.tags + ["ensemble"] + self.ema_tags:  # each its own best, never the best of two
             self.best[tag] = max(self.best.get(tag, float("-inf")), val[f"{tag}/top1"])
         lr = self.optimizer.param_groups[0]["lr"]
         self.log.write({"epoch": epoch, "split": "train", "step": self.global_step, "lr": float(lr),
+                        "epoch_s": round(train_seconds, 3),
                         **{k: (100 * v if k.endswith("/top1") else v) for k, v in train_metrics.items()}},
                        step=self.global_step)
-        self.log.write({"epoch": epoch, "split": "val", "step": self.global_step, **val}, step=self.global_step)
+        self.log.write({"epoch": epoch, "split": "val", "step": self.global_step, "eval_s": round(eval_seconds, 3),
+                        **val}, step=self.global_step)
         self.epoch += 1
         self.step_in_epoch = 0
         self.save_checkpoint()
+        if self.cfg.train.keep_checkpoints and self.dist.is_main:  # kdengine viz: the maps of every epoch
+            shutil.copyfile(self.run_dir / ckpt.LAST, self.run_dir / ckpt.epoch_checkpoint_name(self.epoch))
         if self.dist.is_main:
             from ..viz.curves import plot_curves
 

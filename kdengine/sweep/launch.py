@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .plan import PlannedRun
+from .plan import PlannedRun, SweepError
 from .status import STATUS_FILE, read_status, run_state
 
 #: ``kdengine train``'s exit status after Ctrl-C (it saved a checkpoint and stopped).
@@ -167,22 +167,28 @@ class SubmititLauncher:
         parameters: for ``executor.update_parameters``, e.g. ``{"timeout_min": 60,
             "gpus_per_node": 1, "slurm_partition": "dev"}``.
         wait: wait for the jobs (else return once they are submitted).
+
+    Raises:
+        ModuleNotFoundError: submitit is not installed.
+        SweepError: submitit refuses the cluster or a parameter.
     """
 
     def __init__(self, folder: os.PathLike | str, cluster: Optional[str] = None, parameters: Optional[dict] = None,
                  wait: bool = True):
         try:
-            import submitit  # noqa: F401
+            import submitit
         except ImportError:
             raise ModuleNotFoundError("--launcher submitit needs the submitit package: pip install "
                                       "'kdengine[sweep]' (or pip install submitit)", name="submitit") from None
-        self.folder, self.cluster, self.parameters, self.wait = Path(folder), cluster, dict(parameters or {}), wait
+        self.wait = wait
+        try:  # set up now: a wrong cluster or parameter is an error before any run starts
+            self.executor = submitit.AutoExecutor(folder=Path(folder), cluster=cluster)
+            self.executor.update_parameters(**{"name": "kdengine-sweep", **dict(parameters or {})})
+        except (NameError, AssertionError, ValueError, RuntimeError) as exc:  # submitit's own wording
+            raise SweepError(f"submitit: {str(exc).splitlines()[0]}") from None
 
     def launch(self, jobs: Sequence[tuple[PlannedRun, list[str], Path]], say: Callable[[str], None]) -> dict:
-        import submitit
-
-        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
-        executor.update_parameters(**{"name": "kdengine-sweep", **self.parameters})
+        executor = self.executor
         submitted = []
         for run, command, run_dir in jobs:
             job = executor.submit(TrainJob(), list(command), str(run_dir))

@@ -41,7 +41,7 @@ def default_name(config: Optional[str]) -> str:
 
 def prepare_sweep(overrides: Sequence[str], config: Optional[str] = None, name: Optional[str] = None,
                   output_dir: os.PathLike | str = DEFAULT_OUTPUT_DIR, seed_key: str = "train.seed",
-                  dry_run: bool = False) -> Sweep:
+                  dry_run: bool = False, here: bool = True) -> Sweep:
     """Plan a sweep and check it: every run's configuration is loaded and validated first.
 
     Args:
@@ -51,6 +51,8 @@ def prepare_sweep(overrides: Sequence[str], config: Optional[str] = None, name: 
         output_dir: the parent of sweep folders.
         seed_key: the setting the tables average over.
         dry_run: write nothing (the plan file included).
+        here: the runs train on this machine; False (a cluster's jobs): a ``train.device`` this
+            machine lacks (CUDA on a login node) is not an error here.
 
     Returns:
         The :class:`Sweep`.
@@ -67,7 +69,7 @@ def prepare_sweep(overrides: Sequence[str], config: Optional[str] = None, name: 
     runs = plan_runs(overrides)
     for run in runs:
         try:
-            load_config(config, run.overrides)
+            load_config(config, run.overrides if here else [*run.overrides, "train.device=cpu"])
         except ConfigError as exc:
             raise ConfigError(f"run {run.name}: {exc}") from None
     sweep_dir = Path(output_dir) / (name or default_name(config))

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data import CLASSES
+from ..engine.checkpoint import epoch_checkpoints
 from .calibration import ECE_BINS, calibration_bins, plot_reliability, reliability
 from .maps import compute_maps, plot_maps
 from .regions import CAM_THRESHOLD, cam_region, iou, mean_iou, similarity_regions
-from .runs import epoch_checkpoints, load_checkpoint, validation_data
+from .runs import load_checkpoint, validation_data
 
 #: What `kdengine viz` draws, in order.
 KINDS = ("curves", "maps", "iou", "calibration")

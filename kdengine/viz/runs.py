@@ -4,13 +4,13 @@ foreground masks where the data has them.
 
 A run directory (written by :class:`kdengine.engine.Trainer`) holds ``config.yaml``,
 ``metrics.jsonl``, ``checkpoint.pt`` and, with ``train.keep_checkpoints``, one
-``checkpoint-epoch<NNN>.pt`` per finished epoch (NNN: epochs done, from 001).
+``checkpoint-epoch<NNN>.pt`` per finished epoch (NNN: epochs done, from 001;
+:func:`kdengine.engine.checkpoint.epoch_checkpoints` lists them).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -25,25 +25,6 @@ from ..engine import checkpoint as ckpt
 from ..engine.config import ExperimentConfig, num_classes_of, validate
 from ..engine.setup import Precision, build_models, model_tags, resolve_device
 from ..methods import build_method
-
-_EPOCH_CHECKPOINT = re.compile(r"^checkpoint-epoch(\d+)\.pt$")
-
-
-def epoch_checkpoint_name(epochs_done: int) -> str:
-    """The file name of the checkpoint kept after ``epochs_done`` epochs (1 after the first)."""
-    if epochs_done < 1:
-        raise ValueError(f"epochs_done must be >= 1, got {epochs_done}")
-    return f"checkpoint-epoch{epochs_done:03d}.pt"
-
-
-def epoch_checkpoints(run_dir: os.PathLike | str) -> list[tuple[int, Path]]:
-    """The per-epoch checkpoints of a run, ``[(epochs_done, path)]`` in epoch order."""
-    found = []
-    for path in Path(run_dir).glob("checkpoint-epoch*.pt"):
-        match = _EPOCH_CHECKPOINT.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def read_records(run_dir: os.PathLike | str) -> list[dict]:

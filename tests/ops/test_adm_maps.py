@@ -94,7 +94,7 @@ def test_means_run_over_valid_pixels_only():
     torch.testing.assert_close(co, (1 + sim) / (1 + mean + 1e-5))
     torch.testing.assert_close(di, (1 - sim) / ((1 - mean) + 1e-5))
     # The valid pixels' consensus map averages to 1 (up to eps), whatever the invalid pixels hold.
-    torch.testing.assert_close(co[valid].mean(), torch.tensor(1 / (1 + 1e-5 / (1 + mean)), dtype=torch.float64))
+    torch.testing.assert_close(co[valid].mean(), (1 + mean) / (1 + mean + 1e-5))
 
 
 @pytest.mark.parametrize("impl,device", impl_params())

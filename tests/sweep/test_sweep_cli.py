@@ -67,7 +67,19 @@ def test_submitit_local_executor(sweep_args, tmp_path, capfd):
     assert (tmp_path / "s" / "submitit").is_dir()
 
 
+def test_submitit_set_up_errors_come_first(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("submitit")
+    monkeypatch.chdir(tmp_path)
+    base = ["sweep", "--launcher", "submitit", "train.seed=0,1"]
+    assert main(base + ["--cluster", "nope"]) == 2
+    assert "submitit:" in capsys.readouterr().err
+    assert main(base + ["--cluster", "local", "--executor-param", "bogus=1"]) == 2
+    assert "submitit: Parameter 'bogus'" in capsys.readouterr().err
+    assert not any((tmp_path / "sweeps" / "embedded").glob("train.seed=*"))  # nothing ran
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["sweep"], "nothing to sweep"),
     (["sweep", "train.seed"], "key=value"),
     (["sweep", "train.epochz=1,2"], "did you mean 'epochs'"),
     (["sweep", "--config", "nope.yaml", "train.seed=0,1"], "no such file"),

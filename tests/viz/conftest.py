@@ -3,7 +3,7 @@ import shutil
 import pytest
 
 from kdengine.engine import Trainer, load_config
-from kdengine.viz.runs import epoch_checkpoint_name
+from kdengine.engine.checkpoint import epoch_checkpoint_name
 from tests.engine.conftest import TINY
 
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from kdengine.engine import Trainer, load_config
+from kdengine.engine.checkpoint import epoch_checkpoints
 from kdengine.engine.config import TrainConfig
 from kdengine.viz.analysis import calibration_of
-from kdengine.viz.runs import epoch_checkpoints, load_checkpoint, read_records, validation_data
+from kdengine.viz.runs import load_checkpoint, read_records, validation_data
 from tests.engine.conftest import TINY
 
 

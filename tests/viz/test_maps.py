@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdengine import ops
+from kdengine.engine.checkpoint import epoch_checkpoints
 from kdengine.models import create_model
 from kdengine.viz.maps import (
     class_activation_map,
@@ -16,7 +17,7 @@ from kdengine.viz.maps import (
     pair_maps,
     plot_maps,
 )
-from kdengine.viz.runs import epoch_checkpoints, load_checkpoint, validation_data
+from kdengine.viz.runs import load_checkpoint, validation_data
 
 
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_2"])

@@ -76,3 +76,19 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert all(complete and width > 0 and height > 0 for complete, width, height in images), probe
     assert probe["finalRows"] == 2 * 3  # teacher, student, ensemble per run
     assert probe["tables"] >= 4
+
+
+def test_report_of_a_sweep_folder(tmp_path):
+    from kdengine.sweep import plan_runs
+    from kdengine.sweep.plan import merge_plan
+    from tests.sweep.fakes import fake_run
+
+    runs = plan_runs(["method.name=dml,dml+adm", "train.seed=0,1"])
+    merge_plan(tmp_path, None, runs)
+    for i, run in enumerate(runs[:3]):  # the last one never started
+        fake_run(tmp_path / run.name, run.overrides, {"teacher": 50.0 + i, "student": 40.0 + i})
+    page = write_report([tmp_path]).read_text()
+    assert (tmp_path / "report.html").is_file()
+    assert 'class="sweep"' in page and "<td>dml</td><td>2</td><td>50.50 ± 0.71</td>" in page
+    assert "1/2 (1 missing)" in page and "method.name=dml+adm_train.seed=1: missing (not started)" in page
+    assert page.count('<img src="data:image/png;base64,') == 1  # the runs' curves, seeds as bands

@@ -167,7 +167,9 @@ def region_pool_backward(grad_pooled, feat, attn, labels, count, ignore_index: i
         raise ValueError(f"{op}: feat must be [B, C, H, W], got shape {tuple(feat.shape)}")
     B, C, H, W = feat.shape
     if grad_pooled.dim() != 3 or grad_pooled.shape[0] != B or grad_pooled.shape[2] != C:
-        raise ValueError(f"{op}: grad_pooled must be [B, K, C] with B = {B} and C = {C}, got {tuple(grad_pooled.shape)}")
+        raise ValueError(
+            f"{op}: grad_pooled must be [B, K, C] with B = {B} and C = {C}, got {tuple(grad_pooled.shape)}"
+        )
     K = grad_pooled.shape[1]
     if tuple(count.shape) != (B, K):
         raise ValueError(f"{op}: count must be [B, K] = {[B, K]}, got {tuple(count.shape)}")

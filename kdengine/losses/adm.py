@@ -163,9 +163,11 @@ class ADMLoss(nn.Module):
                     f"ADMLoss: stage {i} channels differ (feats_s {tuple(fs.shape)}, feats_t "
                     f"{tuple(ft.shape)}); pass student_channels and teacher_channels to add connectors"
                 )
-        if target.dim() != 1 or target.shape[0] != feats_s[0].shape[0]:
+        b = feats_s[0].shape[0]
+        if not ((target.dim() == 1 or target.dim() == 2) and target.shape[0] == b):
             raise ValueError(
-                f"ADMLoss: target must be [B] = [{feats_s[0].shape[0]}], got {tuple(target.shape)}"
+                f"ADMLoss: target must be class indices [B] = [{b}] or class probabilities [B, K] "
+                f"(mixup / cutmix), got {tuple(target.shape)}"
             )
 
     @staticmethod
@@ -253,7 +255,8 @@ class ADMLoss(nn.Module):
         Args:
             feats_s, feats_t: the stage features of each model (before the final ReLU), same
                 number of stages, ``[B, C_i, H_i, W_i]``.
-            target: the labels, ``[B]``.
+            target: the labels, ``[B]``, or class probabilities ``[B, K]`` (mixed batches; the
+                cross-entropies and Eq. 12's label term take them as they are).
             teacher_prev_probs: for ``di="kd"``, the teacher's previous-epoch probabilities of
                 these samples, ``[B, num_classes]``; None (the first epoch): the one-hot label.
             delta: for ``di="kd"`` with ``teacher_prev_probs``, the trust in them (``kd_delta``):
@@ -284,7 +287,9 @@ class ADMLoss(nn.Module):
             if self.di == "ce":  # Eq. 8
                 loss_di = F.cross_entropy(logits_t, target)
             else:  # Eq. 12: (1 - delta) * onehot + delta * p_t(previous epoch)
-                soft = F.one_hot(target, logits_t.shape[1]).to(logits_t.dtype)
+                # the label as a distribution: one-hot, or the soft target itself (mixup / cutmix)
+                soft = target.to(logits_t.dtype) if target.dim() == 2 else \
+                    F.one_hot(target, logits_t.shape[1]).to(logits_t.dtype)
                 if teacher_prev_probs is not None:
                     self._check_previous(teacher_prev_probs, delta, logits_t)
                     soft = (1 - delta) * soft + delta * teacher_prev_probs.to(logits_t.dtype)

@@ -64,6 +64,8 @@ class KD(OfflineMethod):
         adm: the ADM component of ``kd+adm``, or None.
     """
 
+    soft_targets = True  # the target is used only by cross-entropy, which takes class probabilities
+
     def __init__(self, roles, num_classes, *, ce_weight=0.1, kd_weight=0.9, temperature=4.0, adm=None):
         super().__init__(roles, num_classes, adm)
         self.ce_weight, self.kd_weight = float(ce_weight), float(kd_weight)
@@ -234,6 +236,8 @@ class FitNet(OfflineMethod):
     Raises:
         ValueError: ``hint_layer`` out of range for a model, or a model without ``stage_channels``.
     """
+
+    soft_targets = True  # the target is used only by cross-entropy, which takes class probabilities
 
     def __init__(self, roles, num_classes, models: Sequence[nn.Module], *, ce_weight=1.0,
                  feat_weight=100.0, hint_layer: Optional[int] = None, impl: Optional[str] = None,

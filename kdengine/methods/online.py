@@ -47,6 +47,8 @@ class Vanilla(Method):
         adm: the ADM component of ``vanilla+adm``, or None.
     """
 
+    soft_targets = True  # the target is used only by cross-entropy, which takes class probabilities
+
     def losses(self, outputs, target, terms):
         _ce_terms(outputs, target, range(len(outputs)), terms)
         return None
@@ -68,6 +70,8 @@ class DML(_Mutual):
         temperature: tau.
         adm: the ADM component of ``dml+adm``, or None.
     """
+
+    soft_targets = True  # the target is used only by cross-entropy, which takes class probabilities
 
     def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None):
         super().__init__(roles, num_classes, adm)

@@ -367,13 +367,6 @@ def test_resize_upscales_the_cifar_pipelines_and_their_masks():
 # ---------------------------------------------------------------------------------- training
 
 
-@pytest.fixture
-def soft_targets(monkeypatch):
-    """KD taking soft targets [B, C]: its CE term is ``F.cross_entropy``, which takes
-    probabilities, and its KL term does not read the target. (Until KD declares it itself.)"""
-    monkeypatch.setattr(KD, "soft_targets", True)
-
-
 def _timm_vit_file(path, classes):
     """A timm-layout ViT-S/16 state dict (names and shapes from timm's definition, random values)."""
     g = torch.Generator().manual_seed(0)
@@ -390,7 +383,7 @@ RECIPE = ["data.embedded.size=32", "models.0.name=vit_small_patch16_224", "model
           "data.cutmix=1.0", "train.label_smoothing=0.1", "train.ema_decay=0.99"]
 
 
-def test_a_vit_student_trains_with_the_vit_recipe_and_resumes_exactly(tiny, tmp_path, soft_targets):
+def test_a_vit_student_trains_with_the_vit_recipe_and_resumes_exactly(tiny, tmp_path):
     teacher = _timm_vit_file(tmp_path / "vit_small_timm.pth", classes=4)
     overrides = tiny + RECIPE + [f"models.0.checkpoint={teacher}"]
     full = Trainer(load_config(overrides=overrides + ["train.run_name=full"]), progress=False)
@@ -417,6 +410,22 @@ def test_a_vit_student_trains_with_the_vit_recipe_and_resumes_exactly(tiny, tmp_
     for a, b in zip([*full.models, full.emas[0].module], [*resumed.models, resumed.emas[0].module]):
         for key, value in a.state_dict().items():
             assert torch.equal(value, b.state_dict()[key]), key
+
+
+def test_methods_whose_target_feeds_only_cross_entropy_take_soft_targets():
+    from kdengine.methods import DKD, DML, KDCL, FitNet, SwitOKD, Vanilla
+
+    assert all(m.soft_targets for m in (Vanilla, DML, KD, FitNet))
+    assert not any(m.soft_targets for m in (KDCL, SwitOKD, DKD))  # they read class indices
+
+
+def test_dml_adm_trains_on_mixed_batches(tiny):
+    trainer = Trainer(load_config(overrides=tiny + ["method.name=dml+adm", "data.mixup=0.8", "data.cutmix=1.0",
+                                                    "train.label_smoothing=0.1", "train.max_steps=2"]),
+                      progress=False)
+    summary = trainer.fit()
+    assert summary["status"] == "max_steps"
+    assert all(torch.isfinite(p).all() for m in trainer.models for p in m.parameters())
 
 
 def test_soft_targets_need_a_method_that_takes_them(tiny):

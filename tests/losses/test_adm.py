@@ -183,7 +183,7 @@ def test_bad_input():
     adm = ADMLoss(stu.fc, tea.fc, 1, 1, 1)
     with pytest.raises(ValueError, match="same stages"):
         adm(feats_s[:3], feats_t, torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"target must be \[B\] = \[2\]"):
+    with pytest.raises(ValueError, match=r"target must be class indices \[B\] = \[2\]"):
         adm(feats_s, feats_t, torch.zeros(3, dtype=torch.long))
     bad_t = feats_t[:-1] + [torch.randn(2, 32, 2, 2)]
     with pytest.raises(ValueError, match="channels differ.*student_channels"):

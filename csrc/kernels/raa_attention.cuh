@@ -13,9 +13,9 @@
 // for dQ, key rows for dK / dV) and stream the other side of the product from shared memory,
 // where the block stages it as [chunk, d + 1] tiles in the accumulation type (the odd row stride
 // keeps lanes that read different rows of one column on different banks). The whole sequence is
-// one chunk whenever it fits the block's shared-memory budget (always for fp16/bf16, and for fp32
-// up to N * d = 256 * 64); otherwise it is streamed in chunks of a multiple of 32 tokens with an
-// online softmax forward. In a row pass lane l owns the keys l, l + 32, ... of a chunk for the
+// one chunk whenever it fits the device's opt-in shared-memory limit (PAT's N = 64 at any head
+// dim; N = 256 at d = 64 on an H100's 227 KB); otherwise it is streamed in chunks of a multiple of
+// 32 tokens, with an online softmax forward and two passes over the chunks for dQ. In a row pass lane l owns the keys l, l + 32, ... of a chunk for the
 // scores and the channels l, l + 32, ... of a row for the outputs, so the probabilities go
 // through a per-warp row of shared memory between the two products.
 //
@@ -71,7 +71,8 @@ inline int64_t raa_pass_elements(int64_t chunk, int64_t d, int vectors, int rows
 template <typename acc_t>
 inline RaaPlan raa_plan(int64_t N, int64_t d, int vectors, int rows, int scratch, int64_t budget) {
   const auto bytes = [&](int64_t chunk) {
-    return raa_pass_elements(chunk, d, vectors, rows, scratch) * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t elements = raa_pass_elements(chunk, d, vectors, rows, scratch);
+    return elements * static_cast<int64_t>(sizeof(acc_t));
   };
   int64_t chunk = N;
   while (chunk > 32 && bytes(chunk) > budget) chunk = (chunk - 1) / 32 * 32;
@@ -114,7 +115,8 @@ __device__ void raa_load_tile(const scalar_t* __restrict__ x, int64_t sn,
 
 // Block-wide: dst[j] = x[j0 + j] for j < n.
 template <typename acc_t>
-__device__ void raa_load_vector(const acc_t* __restrict__ x, int j0, int n, acc_t* __restrict__ dst) {
+__device__ void raa_load_vector(const acc_t* __restrict__ x, int j0, int n,
+                                acc_t* __restrict__ dst) {
   for (int j = threadIdx.x; j < n; j += kThreads) dst[j] = x[j0 + j];
 }
 
@@ -511,16 +513,15 @@ __global__ void __launch_bounds__(kThreads)
 inline int64_t raa_smem_budget() {
   int device = 0, optin = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    return 0;
-  }
+  const cudaDeviceAttr attr = cudaDevAttrMaxSharedMemoryPerBlockOptin;
+  if (cudaDeviceGetAttribute(&optin, attr, device) != cudaSuccess) return 0;
   return optin > kRaaDefaultSmem ? optin : kRaaDefaultSmem;
 }
 
 // Launches `kernel` with the plan's dynamic shared memory, opting in above the 48 KB default.
 template <typename Kernel, typename... Args>
-cudaError_t raa_launch(Kernel kernel, const RaaPlan& plan, int64_t budget, int64_t blocks,
-                       cudaStream_t stream, Args... args) {
+inline cudaError_t raa_launch(Kernel kernel, const RaaPlan& plan, int64_t budget, int64_t blocks,
+                              cudaStream_t stream, Args... args) {
   if (plan.smem_bytes > budget) return cudaErrorInvalidConfiguration;
   if (plan.smem_bytes > kRaaDefaultSmem) {
     const cudaError_t err = cudaFuncSetAttribute(

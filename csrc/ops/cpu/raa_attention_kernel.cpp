@@ -22,11 +22,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "../raa_attention.h"
+#include "buffer_cache.h"
 #include "pixel_cosine.h"  // KDENGINE_CPU_CLONES, to_acc
 
 // The 64-byte vectors below are passed between force-inlined helpers only; no ABI is involved.
@@ -132,7 +134,9 @@ KDENGINE_RAA_INLINE void gemm(int64_t M, int64_t cols, int64_t K, acc_t alpha, c
   for (; j + kNR <= cols; j += kNR) {
     gemm_columns<kNR, kTransA>(M, K, alpha, a, lda, b + j, ldb, c + j, ldc);
   }
-  for (; j < cols; j += kPad) gemm_columns<kPad, kTransA>(M, K, alpha, a, lda, b + j, ldb, c + j, ldc);
+  for (; j < cols; j += kPad) {
+    gemm_columns<kPad, kTransA>(M, K, alpha, a, lda, b + j, ldb, c + j, ldc);
+  }
 }
 
 // exp(x) as 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in two parts, exp(r) by Cephes'
@@ -154,7 +158,8 @@ KDENGINE_RAA_INLINE float exp_poly(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-KDENGINE_RAA_INLINE double exp_poly(double x) { return std::exp(x); }  // fp64 is for gradcheck, not speed
+// fp64 is for gradcheck, not speed.
+KDENGINE_RAA_INLINE double exp_poly(double x) { return std::exp(x); }
 
 template <typename acc_t>
 KDENGINE_RAA_INLINE acc_t row_max(const acc_t* x, int64_t n) {  // n: a multiple of kLanesR
@@ -200,6 +205,17 @@ struct Inputs {
         pos_sb(shape.batch_pos ? shape.D : 0), pos_sn(shape.batch_pos ? 0 : shape.D),
         s(shape), Np(round_up(shape.N, kPad)), dp(round_up(shape.d, kPad)) {}
 
+  // Asks for the rows of head h of sample b of x ahead of their use: the head's d channels are a
+  // short piece of every row, a pattern the hardware prefetchers do not follow far enough.
+  KDENGINE_RAA_INLINE void prefetch(const scalar_t* x, int64_t sb, int64_t sn, int64_t b,
+                                    int64_t h) const {
+    constexpr int64_t kLine = 64 / sizeof(scalar_t);  // elements per cache line
+    for (int64_t i = 0; i < s.N; ++i) {
+      const scalar_t* xr = x + b * sb + i * sn + h * s.d;
+      for (int64_t c = 0; c < s.d; c += kLine) __builtin_prefetch(xr + c);
+    }
+  }
+
   // Head h of sample b of x (+ pos when with_pos) in the accumulation type: as rows
   // dst[i * dp + c] or, when kTransposed, as columns dst[c * Np + i].
   template <bool kTransposed, typename acc_t>
@@ -233,6 +249,12 @@ KDENGINE_CPU_CLONES void forward_units(const Inputs<scalar_t>& in, int64_t begin
   acc_t* p = kt + d * Np;   // S, then P [N, Np]
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / H, h = unit % H;
+    if (unit + 1 < end) {  // the next task's inputs arrive while this one computes
+      const int64_t nb = (unit + 1) / H, nh = (unit + 1) % H;
+      in.prefetch(in.q, in.q_sb, in.q_sn, nb, nh);
+      in.prefetch(in.k, in.k_sb, in.k_sn, nb, nh);
+      in.prefetch(in.v, in.v_sb, in.v_sn, nb, nh);
+    }
     in.template load<false>(in.q, in.q_sb, in.q_sn, true, b, h, qp);
     in.template load<true>(in.k, in.k_sb, in.k_sn, true, b, h, kt);
     in.template load<false>(in.v, in.v_sb, in.v_sn, false, b, h, vb);
@@ -279,6 +301,13 @@ KDENGINE_CPU_CLONES void backward_units(const Inputs<scalar_t>& in, const scalar
   acc_t* prod = ds + N * Np;  // one row of P o dP
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / H, h = unit % H;
+    if (unit + 1 < end) {
+      const int64_t nb = (unit + 1) / H, nh = (unit + 1) % H;
+      in.prefetch(in.q, in.q_sb, in.q_sn, nb, nh);
+      in.prefetch(in.k, in.k_sb, in.k_sn, nb, nh);
+      in.prefetch(in.v, in.v_sb, in.v_sn, nb, nh);
+      in.prefetch(grad_out, go_sb, go_sn, nb, nh);
+    }
     in.template load<false>(in.q, in.q_sb, in.q_sn, true, b, h, qp);
     in.template load<false>(in.k, in.k_sb, in.k_sn, true, b, h, kp);
     in.template load<true>(in.k, in.k_sb, in.k_sn, true, b, h, kt);
@@ -330,6 +359,20 @@ int64_t num_chunks(int64_t units) {
   return std::max<int64_t>(1, std::min<int64_t>(units, at::get_num_threads()));
 }
 
+// An uninitialised contiguous [B, N, D] output from the buffer cache, which needs a contiguous
+// template of that shape and dtype: the first contiguous one of `likes` (every output would
+// otherwise be page-faulted in anew on each call; measured: as long as the backward kernel
+// itself at B = 128, N = 64, D = 512).
+at::Tensor empty_rows(std::initializer_list<const at::Tensor*> likes) {
+  for (const at::Tensor* like : likes) {
+    const int64_t N = like->size(1), D = like->size(2);
+    if (like->stride(0) == N * D && like->stride(1) == D && like->stride(2) == 1) {
+      return empty_like_cached(*like);
+    }
+  }
+  return at::empty((*likes.begin())->sizes(), (*likes.begin())->options());
+}
+
 std::tuple<at::Tensor, at::Tensor> raa_attention_cpu(const at::Tensor& q_, const at::Tensor& k_,
                                                      const at::Tensor& v_, const at::Tensor& pos_,
                                                      int64_t heads) {
@@ -337,9 +380,9 @@ std::tuple<at::Tensor, at::Tensor> raa_attention_cpu(const at::Tensor& q_, const
   const auto dtype = q_.scalar_type();
   const at::Tensor q = raa_rows(q_, dtype), k = raa_rows(k_, dtype), v = raa_rows(v_, dtype);
   const at::Tensor pos = pos_.contiguous();
-  at::Tensor out = at::empty({s.B, s.N, s.D}, q.options());
+  at::Tensor out = empty_rows({&q, &k, &v});
   at::Tensor lse = at::empty({s.B, heads, s.N}, q.options().dtype(at::toOpMathType(dtype)));
-  if (out.numel() == 0) return {out, lse.zero_()};
+  if (out.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "raa_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Inputs<scalar_t> in(q, k, v, pos, s);
@@ -363,8 +406,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> raa_attention_backwar
   const at::Tensor grad_out = raa_rows(grad_out_, dtype);
   const at::Tensor pos = pos_.contiguous();
   const at::Tensor lse = lse_.to(acc_type).contiguous();
-  at::Tensor gq = at::empty({s.B, s.N, s.D}, q.options());
-  at::Tensor gk = at::empty_like(gq), gv = at::empty_like(gq);
+  at::Tensor gq = empty_rows({&grad_out, &q, &k, &v});
+  at::Tensor gk = empty_rows({&grad_out, &q, &k, &v});
+  at::Tensor gv = empty_rows({&grad_out, &q, &k, &v});
   if (gq.numel() == 0) {
     return {gq, gk, gv, at::zeros(pos.sizes(), pos.options())};
   }

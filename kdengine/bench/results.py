@@ -62,27 +62,44 @@ def bench_device(name: Optional[str]) -> torch.device:
 def append_rows(path, rows: list[dict]) -> None:
     """Append rows to a long-format CSV, writing the header when the file is new.
 
+    A results file grows columns as the benchmarks do: rows with a column the file lacks widen it
+    (earlier rows get it empty), and rows without one of the file's columns leave it empty.
+
     Args:
         path: the CSV file; its folder is created when missing.
         rows: dicts with the same keys, in the same order.
 
     Raises:
-        ValueError: the file exists with other columns.
+        ValueError: the file's columns and the rows' differ both ways (each has columns the other
+            lacks): most likely another benchmark's file.
     """
     if not rows:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
     fields = list(rows[0].keys())
-    if not new:
+    header = None
+    if path.exists() and path.stat().st_size:
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
-        if header and header != fields:
+    if header and header != fields:
+        added, missing = [k for k in fields if k not in header], [k for k in header if k not in fields]
+        if added and missing:
             raise ValueError(f"{path} has columns {header}, these rows have {fields}; use a new file")
+        if added:  # widen the file: rewrite it with the new columns at the end, atomically
+            with open(path, newline="") as f:
+                old = list(csv.DictReader(f))
+            header = header + added
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(old)
+            os.replace(tmp, path)
+        fields = header
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        if not header:
             writer.writeheader()
         writer.writerows(rows)
 

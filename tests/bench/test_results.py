@@ -32,6 +32,15 @@ def test_append_rows_creates_the_folder_and_keeps_one_header(tmp_path):
         append_rows(path, [{"a": 5, "c": 6}])
 
 
+def test_append_rows_widens_the_file_for_new_columns_and_fills_missing_ones(tmp_path):
+    path = tmp_path / "rows.csv"
+    append_rows(path, [{"a": 1, "b": 2}])
+    append_rows(path, [{"a": 3, "b": 4, "c": 5}])  # a newer benchmark version adds a column
+    append_rows(path, [{"a": 6, "b": 7}])  # an older writer leaves it empty
+    assert list(csv.DictReader(open(path))) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"},
+                                                {"a": "6", "b": "7", "c": ""}]
+
+
 def test_commit_outside_a_repository_is_unknown(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not a git repository: the package's folder is not asked
     assert git_commit() == "unknown"

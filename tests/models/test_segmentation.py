@@ -167,7 +167,6 @@ def test_channels_last_equals_contiguous():
     torch.testing.assert_close(got.head_feature, ref.head_feature, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow  # ~20 s of Dynamo tracing on 2 CPU cores
 def test_forward_compiles_without_graph_breaks():
     model = create_model("pspnet_resnet18", num_classes=K).eval()
     x = torch.randn(2, 3, 32, 32)

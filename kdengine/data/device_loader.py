@@ -121,7 +121,7 @@ class DeviceLoader(KDLoader):
         return cls(images, labels, masks, indices, config)
 
     @classmethod
-    def _from_beton(cls, info: BetonInfo, config: LoaderConfig) -> "DeviceLoader":
+    def from_beton(cls, info: BetonInfo, config: LoaderConfig) -> "DeviceLoader":
         """Read every sample once through FFCV (sequential, raw bytes), then move it to the device."""
         from ffcv.fields.decoders import IntDecoder, NDArrayDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption

@@ -146,7 +146,7 @@ def make_loader(
     if device_resident:
         from .device_loader import DeviceLoader
 
-        return DeviceLoader._from_beton(info, config)
+        return DeviceLoader.from_beton(info, config)
     return FFCVLoader(info, config)
 
 

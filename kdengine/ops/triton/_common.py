@@ -105,6 +105,26 @@ def feature_offsets(c, p, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def pixel_channel_sums(s_img, t_img, p, p_ok, C, HW, ACC: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per pixel of one image's ``BLOCK_P`` pixels ``p``: ``(sum_c s*t, sum_c s^2, sum_c t^2)`` over all
+    C channels, in ``ACC`` — the reductions a cosine similarity over channels needs."""
+    dot = tl.zeros([BLOCK_P], ACC)
+    sq_s = tl.zeros([BLOCK_P], ACC)
+    sq_t = tl.zeros([BLOCK_P], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        offs = feature_offsets(c, p, C, HW, CHANNELS_LAST)
+        mask = (c < C)[:, None] & p_ok[None, :]
+        s = tl.load(s_img + offs, mask=mask, other=0.0).to(ACC)
+        t = tl.load(t_img + offs, mask=mask, other=0.0).to(ACC)
+        dot += tl.sum(s * t, axis=0)
+        sq_s += tl.sum(s * s, axis=0)
+        sq_t += tl.sum(t * t, axis=0)
+    return dot, sq_s, sq_t
+
+
+@triton.jit
 def precise_sqrt(x):
     """IEEE-rounded sqrt, as std::sqrt (tl.sqrt is an approximation for fp32)."""
     if x.dtype == tl.float32:

@@ -20,9 +20,9 @@ from ._common import (
     check_device,
     cosine_from_norms,
     dense_feature,
-    feature_offsets,
     in_layout,
     launch_guard,
+    pixel_channel_sums,
     pow2_block,
     precise_sqrt,
 )
@@ -41,18 +41,7 @@ def _maps_partials_kernel(
     p_ok = p < HW
     s_img = s_ptr + b * C * HW
     t_img = t_ptr + b * C * HW
-    dot = tl.zeros([BLOCK_P], ACC)
-    sq_s = tl.zeros([BLOCK_P], ACC)
-    sq_t = tl.zeros([BLOCK_P], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        offs = feature_offsets(c, p, C, HW, CHANNELS_LAST)
-        mask = (c < C)[:, None] & p_ok[None, :]
-        s = tl.load(s_img + offs, mask=mask, other=0.0).to(ACC)
-        t = tl.load(t_img + offs, mask=mask, other=0.0).to(ACC)
-        dot += tl.sum(s * t, axis=0)
-        sq_s += tl.sum(s * s, axis=0)
-        sq_t += tl.sum(t * t, axis=0)
+    dot, sq_s, sq_t = pixel_channel_sums(s_img, t_img, p, p_ok, C, HW, ACC, CHANNELS_LAST, BLOCK_C, BLOCK_P)
     sim = cosine_from_norms(dot, precise_sqrt(sq_s), precise_sqrt(sq_t), EPS)
     if HAS_VALID:
         ok = p_ok & (tl.load(valid_ptr + b * HW + p, mask=p_ok, other=0) != 0)

@@ -22,6 +22,7 @@ from ._common import (
     feature_offsets,
     in_layout,
     launch_guard,
+    pixel_channel_sums,
     pixel_map,
     pow2_block,
     precise_sqrt,
@@ -42,18 +43,7 @@ def _cosine_forward_kernel(
     p_ok = p < HW
     s_img = s_ptr + b * C * HW
     t_img = t_ptr + b * C * HW
-    dot = tl.zeros([BLOCK_P], ACC)
-    sq_s = tl.zeros([BLOCK_P], ACC)
-    sq_t = tl.zeros([BLOCK_P], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        offs = feature_offsets(c, p, C, HW, CHANNELS_LAST)
-        mask = (c < C)[:, None] & p_ok[None, :]
-        s = tl.load(s_img + offs, mask=mask, other=0.0).to(ACC)
-        t = tl.load(t_img + offs, mask=mask, other=0.0).to(ACC)
-        dot += tl.sum(s * t, axis=0)
-        sq_s += tl.sum(s * s, axis=0)
-        sq_t += tl.sum(t * t, axis=0)
+    dot, sq_s, sq_t = pixel_channel_sums(s_img, t_img, p, p_ok, C, HW, ACC, CHANNELS_LAST, BLOCK_C, BLOCK_P)
     norm_s = precise_sqrt(sq_s)
     norm_t = precise_sqrt(sq_t)
     sim = cosine_from_norms(dot, norm_s, norm_t, EPS)

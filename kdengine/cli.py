@@ -319,6 +319,7 @@ examples:
   kdengine data write cifar ~/data/cifar-10-batches-py cifar10_train.beton --split train
   kdengine data write imagefolder ~/imagenet/train in1k_train.beton \\
       --max-resolution 500 --write-mode proportion --compress-probability 0.5 --jpeg-quality 90
+  kdengine data write cityscapes ~/data/cityscapes data/cityscapes/val.beton --split val
 
 The output is written to a temporary file next to it and renamed into place when complete, so a
 .beton at the output path is never partial. An existing output is refused unless --overwrite.
@@ -341,13 +342,15 @@ def _add_write_options(parser: argparse.ArgumentParser, source_format: str) -> N
                    help="share of images JPEG-compressed in 'proportion' mode (default: 0.5)")
     g.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality 1-100 (default: 90)")
     g.add_argument("--num-workers", type=int, metavar="N", help="writer processes (default: all CPU cores)")
-    g.add_argument("--chunk-size", type=int, default=100, metavar="N",
-                   help="samples per writer work unit (default: 100)")
+    from .data.write import DEFAULT_CHUNK_SIZE
+
+    g.add_argument("--chunk-size", type=int, metavar="N",
+                   help=f"samples per writer work unit (default: {DEFAULT_CHUNK_SIZE[source_format]})")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _add_data_parser(sub) -> None:
-    data = sub.add_parser("data", help="datasets: write .beton files (embedded, CIFAR, ImageFolder)",
+    data = sub.add_parser("data", help="datasets: write .beton files (embedded, CIFAR, ImageFolder, Cityscapes)",
                           description="Dataset tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND", title="commands")
     write = data_sub.add_parser(
@@ -396,7 +399,19 @@ def _add_data_parser(sub) -> None:
                      help="an unreadable image: fail naming it (default), or skip it and list the skipped "
                           "files at the end")
     _add_write_options(imf, "imagefolder")
-    for p in (emb, cif, imf):
+
+    city = formats.add_parser(
+        "cityscapes", help="Cityscapes (leftImg8bit + gtFine) for semantic segmentation",
+        description="Write one split of Cityscapes in its standard layout (SOURCE/leftImg8bit/<split>/<city>/"
+                    "*_leftImg8bit.png with SOURCE/gtFine/<split>/<city>/*_gtFine_labelIds.png; the data needs a "
+                    "registration at cityscapes-dataset.com, nothing is downloaded) with the fields image, label "
+                    "(the 19 train ids, 255 ignored, stored losslessly) and index. Raw images take about 23 GiB "
+                    "for train; --write-mode jpg about a tenth (lossy images, labels still exact).")
+    city.add_argument("source", help="the Cityscapes root holding leftImg8bit/ and gtFine/")
+    city.add_argument("output", help="the .beton file to write")
+    city.add_argument("--split", default="train", help="the split folder: train, val or test (default: train)")
+    _add_write_options(city, "cityscapes")
+    for p in (emb, cif, imf, city):
         p.set_defaults(func=_cmd_data_write)
 
 
@@ -406,13 +421,19 @@ def _add_data_parser(sub) -> None:
 def _results_table(title: str, tags, names, roles, last: dict, best: dict | None = None):
     from rich.table import Table
 
+    from .engine.metrics import primary_metric
+
     table = Table(title=title)
-    for col in ("model", "architecture", "role", "top-1 (last)", "top-5 (last)") + (("top-1 (best)",) if best else ()):
+    seg = primary_metric(last) == "miou"
+    first, second = ("miou", "pixel_accuracy") if seg else ("top1", "top5")
+    label, label2 = ("mIoU", "pixel acc.") if seg else ("top-1", "top-5")
+    for col in ("model", "architecture", "role", f"{label} (last)", f"{label2} (last)") + \
+            ((f"{label} (best)",) if best else ()):
         table.add_column(col)
     rows = list(zip(tags, names, roles)) + [("ensemble", "mean of the probabilities", "")]
     for tag, name, role in rows:
-        cells = [tag, name, role, f"{last.get(f'{tag}/top1', float('nan')):.2f}",
-                 f"{last.get(f'{tag}/top5', float('nan')):.2f}"]
+        cells = [tag, name, role, f"{last.get(f'{tag}/{first}', float('nan')):.2f}",
+                 f"{last.get(f'{tag}/{second}', float('nan')):.2f}"]
         if best:
             cells.append(f"{best.get(tag, float('nan')):.2f}")
         table.add_row(*cells)
@@ -497,7 +518,7 @@ def _data_notice(cfg) -> str | None:
     if ffcv_available() and where.is_dir():
         return None
     images = f"{spec.count('train'):,} + {spec.count('val'):,} images of {spec.size} px"
-    if not ffcv_available():  # no .beton cache: the arrays are generated in memory each run
+    if not ffcv_available() or cfg.data.task == "segmentation":  # no .beton cache: generated in memory each run
         return f"data: generating the embedded dataset ({images}); the default's 25,000 take about a minute on 2 cores"
     return (f"data: generating the embedded dataset ({images}) into {where}, once; the default's 25,000 take "
             f"about a minute on 2 cores, then FFCV writes them (its bars: the train split, then val)")
@@ -581,9 +602,31 @@ def _cmd_eval(args) -> int:
         return _fail("kdengine eval", str(exc), args)
     epoch, step = result["epoch"], result["step_in_epoch"]
     when = f"after epoch {epoch}" if step == 0 else f"in epoch {epoch + 1}, after {step} of its steps"
-    Console().print(_results_table(f"{result['path']} ({when}): validation", result["tags"], result["names"],
-                                   result["roles"], result["metrics"]))
+    console = Console()
+    console.print(_results_table(f"{result['path']} ({when}): validation", result["tags"], result["names"],
+                                 result["roles"], result["metrics"]))
+    per_class = _per_class_table(result["tags"], result["metrics"])
+    if per_class is not None:
+        console.print(per_class)
     return 0
+
+
+def _per_class_table(tags, metrics: dict):
+    """Segmentation: the IoU (%) of every class (rows) for every model and the ensemble (columns);
+    None for classification metrics."""
+    from rich.table import Table
+
+    columns = [*tags, "ensemble"]
+    classes = [k.split("/iou/", 1)[1] for k in metrics if k.startswith(f"{columns[0]}/iou/")]
+    if not classes:
+        return None
+    table = Table(title="IoU per class (%; – where a class is in neither the labels nor the predictions)")
+    for col in ("class", *columns):
+        table.add_column(col)
+    for c in classes:
+        values = [metrics.get(f"{tag}/iou/{c}", float("nan")) for tag in columns]
+        table.add_row(c, *("–" if v != v else f"{v:.2f}" for v in values))
+    return table
 
 
 def _add_train_parsers(sub) -> None:

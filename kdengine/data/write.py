@@ -1,6 +1,7 @@
-"""What ``kdengine data write`` does: one entry point, :func:`write`, over the three ``.beton``
-writers of :mod:`kdengine.data.beton` (embedded dataset, CIFAR python-pickle directory, ImageFolder
-tree), with a summary of what was written.
+"""What ``kdengine data write`` does: one entry point, :func:`write`, over the ``.beton`` writers of
+:mod:`kdengine.data.beton` (embedded dataset, CIFAR python-pickle directory, ImageFolder tree) and
+:mod:`kdengine.data.cityscapes` (the Cityscapes layout, for segmentation), with a summary of what
+was written.
 
 Every check lives with the writer that uses the value and runs before any long work (generation,
 decoding, writing); the command line (kdengine/cli.py) only parses arguments, shows progress and
@@ -15,15 +16,19 @@ from typing import Callable, Optional
 
 from ..errors import SettingError
 
-SOURCE_FORMATS = ("embedded", "cifar", "imagefolder")
+SOURCE_FORMATS = ("embedded", "cifar", "imagefolder", "cityscapes")
 #: The default ``write_mode`` per source: the embedded and CIFAR images are tiny (raw is smaller
 #: to decode and bit-exact); an ImageFolder of photos is written as ffcv-imagenet does.
-DEFAULT_WRITE_MODE = {"embedded": "raw", "cifar": "raw", "imagefolder": "proportion"}
+DEFAULT_WRITE_MODE = {"embedded": "raw", "cifar": "raw", "imagefolder": "proportion", "cityscapes": "raw"}
+#: Samples per writer work unit per source (``WriteOptions.chunk_size`` None): Cityscapes samples
+#: are 8 MiB raw, so its units are small to bound each writer process's memory.
+DEFAULT_CHUNK_SIZE = {"embedded": 100, "cifar": 100, "imagefolder": 100, "cityscapes": 16}
 #: The keyword arguments :func:`write` takes per source format (the source's own settings).
 SOURCE_ARGS = {
     "embedded": ("split", "size", "num_classes", "per_class", "seed"),
     "cifar": ("source", "split"),
     "imagefolder": ("source", "max_resolution", "on_error"),
+    "cityscapes": ("source", "split"),
 }
 
 
@@ -35,7 +40,7 @@ class WriteOptions:
     compress_probability: float = 0.5
     jpeg_quality: int = 90
     num_workers: Optional[int] = None  # None: all CPU cores
-    chunk_size: int = 100
+    chunk_size: Optional[int] = None  # None: DEFAULT_CHUNK_SIZE of the source
     overwrite: bool = False
 
 
@@ -55,7 +60,7 @@ def write(source_format: str, output, options: Optional[WriteOptions] = None, *,
     """Write one dataset to a ``.beton`` file.
 
     Args:
-        source_format: ``"embedded"``, ``"cifar"`` or ``"imagefolder"``.
+        source_format: ``"embedded"``, ``"cifar"``, ``"imagefolder"`` or ``"cityscapes"``.
         output: the ``.beton`` file to write (written to a temporary file next to it and renamed
             into place when complete).
         options: the image encoding and writer options (default: :class:`WriteOptions`).
@@ -65,7 +70,8 @@ def write(source_format: str, output, options: Optional[WriteOptions] = None, *,
             ``val``), ``size``, ``num_classes``, ``per_class`` (default: the split's count of
             :class:`~kdengine.data.embedded.EmbeddedSpec`), ``seed``; cifar ``source`` (the
             directory) and ``split`` (``train`` or ``test``); imagefolder ``source`` (the root),
-            ``max_resolution`` and ``on_error`` (``fail`` or ``skip``).
+            ``max_resolution`` and ``on_error`` (``fail`` or ``skip``); cityscapes ``source`` (the
+            root with ``leftImg8bit/`` and ``gtFine/``) and ``split`` (``train``, ``val``, ...).
 
     Returns:
         A :class:`WriteResult`.
@@ -89,9 +95,10 @@ def write(source_format: str, output, options: Optional[WriteOptions] = None, *,
         raise SettingError("source", f"is required for {source_format!r} (the directory to read)")
     options = options or WriteOptions()
     mode = options.write_mode or DEFAULT_WRITE_MODE[source_format]
+    chunk = DEFAULT_CHUNK_SIZE[source_format] if options.chunk_size is None else options.chunk_size
     common = dict(overwrite=options.overwrite, write_mode=mode, jpeg_quality=options.jpeg_quality,
                   compress_probability=options.compress_probability, num_workers=options.num_workers,
-                  chunk_size=options.chunk_size)
+                  chunk_size=chunk)
 
     def stage(name: str):
         return None if progress is None else lambda done, total: progress(name, done, total)
@@ -101,6 +108,12 @@ def write(source_format: str, output, options: Optional[WriteOptions] = None, *,
     if source_format == "embedded":
         spec, split = _embedded_spec(**settings)
         path = beton.write_embedded(spec, split, output, progress=stage("generating images"), **common)
+    elif source_format == "cityscapes":
+        from .cityscapes import write_cityscapes
+
+        common.pop("compress_probability")
+        path = write_cityscapes(settings["source"], settings.get("split", "train"), output,
+                                progress=stage("checking images"), **common)
     elif source_format == "cifar":
         path = beton.write_cifar(settings["source"], settings.get("split", "train"), output, **common)
     else:

@@ -17,17 +17,21 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from ..data import ORDERS
+from ..data import CLASSES, ORDERS
 from ..data.augment import parse_rand_augment
+from ..data.cityscapes import CITYSCAPES_CLASSES
 from ..methods import ROLES, list_methods
-from ..models import list_models
+from ..models import SEGMENTATION_MODELS, list_models
 
 DATASETS = ("embedded", "beton")
+#: ``data.task``: image classification (labels [B]) or semantic segmentation (label maps [B, H, W]).
+TASKS = ("classification", "segmentation")
 #: ``data.pipeline``: the recipe whose loader pipelines ``<recipe>_train`` and ``<recipe>_val``
 #: (see :func:`kdengine.data.make_loader`) a run trains and validates with.
 DATA_RECIPES = ("cifar", "imagenet")
-SCHEDULES = ("multistep", "step", "cosine", "constant")
+SCHEDULES = ("multistep", "step", "cosine", "poly", "constant")
 OPTIMIZERS = ("sgd", "adamw")
+INTERPOLATIONS = ("bilinear", "bicubic", "random")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -62,6 +66,11 @@ class EmbeddedDataConfig:
 
 @dataclass
 class DataConfig:
+    # classification | segmentation. Segmentation on the embedded dataset: each image's label map
+    # is its class + 1 on the object's pixels (the generator's foreground mask) and 0 (background)
+    # elsewhere, so data.embedded.num_classes + 1 classes; on .beton files: `kdengine data write
+    # cityscapes` (19 classes, 255 ignored). Validation is on whole images; metrics: mIoU.
+    task: str = "classification"
     dataset: str = "embedded"  # embedded | beton
     embedded: EmbeddedDataConfig = field(default_factory=EmbeddedDataConfig)
     train_path: Optional[str] = None  # .beton files for dataset=beton
@@ -87,6 +96,12 @@ class DataConfig:
     # probability per image (timm's RandomErasing, pixel mode; 0.25 in those recipes).
     randaugment: Optional[str] = None
     random_erasing: float = 0.0
+    # imagenet pipeline: the validation centre crop's share of the shorter side (timm's crop_pct:
+    # resize to resolution / crop_pct, crop resolution; null: 0.875 = 224/256; PAT's DeiT-T and
+    # Swin students: 0.9), and the training crop's resampling: bilinear, bicubic or random (one of
+    # the two per image, as timm's RandomResizedCropAndInterpolation with interpolation=random).
+    val_crop_pct: Optional[float] = None
+    train_interpolation: str = "bilinear"
     # Mixup / cutmix of each training batch on the device (timm's Mixup, one lam per batch); every
     # model sees the mixed images and the targets become soft [B, classes] (the method must take
     # them). mixup / cutmix: Beta(alpha, alpha) parameter, 0: off (recipes: 0.8 / 1.0); mix_prob:
@@ -95,6 +110,12 @@ class DataConfig:
     cutmix: float = 0.0
     mix_prob: float = 1.0
     switch_prob: float = 0.5
+    # Segmentation training augmentation (data.task=segmentation), batched on the device: a random
+    # scale in scale_range, a crop_size [h, w] crop (padded with the mean colour, labels with
+    # ignore_index), a horizontal flip. crop_size null: the stored image size (the embedded set).
+    crop_size: Optional[list[int]] = None
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    ignore_index: int = 255
 
 
 @dataclass
@@ -115,11 +136,15 @@ class OptimConfig:
     # true for sgd (timm's recipes exclude them for sgd as well: set false).
     decay_1d: Optional[bool] = None
     clip_grad: Optional[float] = None  # clip the gradients to this total L2 norm over every trained parameter
-    schedule: str = "cosine"  # multistep | step | cosine | constant
+    schedule: str = "cosine"  # multistep | step | cosine | poly | constant
     milestones: list[int] = field(default_factory=list)  # multistep, in epochs
     step_size: int = 30  # step, in epochs
     gamma: float = 0.1  # multistep / step factor
     min_lr: float = 0.0  # cosine: the rate it ends at
+    power: float = 0.9  # poly: (1 - step / steps) ** power, per step (the segmentation recipes)
+    # timm's per-epoch scheduler (t_in_epochs, the PAT/OFA recipes): the rate changes at each
+    # epoch's start and the warm-up is timm's per-epoch ramp; false: per step (see schedule.py)
+    per_epoch: bool = False
     warmup_epochs: float = 0.0  # linear warm-up (per step) from warmup_lr, in (fractional) epochs
     warmup_lr: float = 0.0
 
@@ -144,6 +169,9 @@ class TrainConfig:
     resume: Optional[str] = None
     tensorboard: bool = True  # when the tensorboard package is installed
     deterministic: bool = True  # torch.use_deterministic_algorithms on CPU
+    # Under DDP, the trained models' BatchNorm layers synchronised across processes (SyncBatchNorm),
+    # as the segmentation recipes train (a few crops per GPU); off by default and on one process.
+    sync_bn: bool = False
     # Cross-entropy against (1 - e) one-hot + e / classes (folded into the mixup targets when
     # data.mixup / cutmix are on): soft targets, which the method must take.
     label_smoothing: float = 0.0
@@ -303,6 +331,7 @@ def _check_recipe_options(cfg: DictConfig) -> None:
     _positive(o.clip_grad, "optim.clip_grad")
     _positive(o.warmup_lr, "optim.warmup_lr", allow_zero=True)
     _positive(o.min_lr, "optim.min_lr", allow_zero=True)
+    _positive(o.power, "optim.power")
     if o.min_lr and o.schedule != "cosine":
         raise ConfigError(f"optim.min_lr is the end of the cosine schedule; optim.schedule={o.schedule} has none")
     if o.min_lr >= o.lr:
@@ -311,6 +340,9 @@ def _check_recipe_options(cfg: DictConfig) -> None:
         _positive(d[key], f"data.{key}", allow_zero=True)
     for key in ("mix_prob", "switch_prob", "random_erasing"):
         _probability(d[key], f"data.{key}")
+    _choice(d.train_interpolation, INTERPOLATIONS, "data.train_interpolation")
+    if d.val_crop_pct is not None and not 0 < d.val_crop_pct <= 1:
+        raise ConfigError(f"data.val_crop_pct={d.val_crop_pct} must be in (0, 1], e.g. 0.875 or 0.9")
     if d.randaugment is not None:
         try:
             parse_rand_augment(d.randaugment)
@@ -334,6 +366,8 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.method.name, list_methods(), "method.name")
     d = cfg.data
     _choice(d.dataset, DATASETS, "data.dataset")
+    _choice(d.task, TASKS, "data.task")
+    _check_task(cfg)
     _choice(d.pipeline, DATA_RECIPES, "data.pipeline")
     _choice(d.order, ORDERS, "data.order")
     _choice(d.device_resident, (True, False, "auto"), "data.device_resident")
@@ -369,6 +403,35 @@ def validate(cfg: DictConfig) -> None:
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
     _check_device_present(t.device)
+
+
+def _check_task(cfg: DictConfig) -> None:
+    """The models fit the task, and the segmentation options are sound."""
+    d = cfg.data
+    seg = d.task == "segmentation"
+    for i, m in enumerate(cfg.models):
+        if (m.name in SEGMENTATION_MODELS) != seg:
+            want = "segmentation models: " + ", ".join(SEGMENTATION_MODELS) if seg else \
+                "classification models (segmentation models need data.task=segmentation)"
+            raise ConfigError(f"models.{i}.name={m.name} does not fit data.task={d.task}; use {want}")
+    if not seg:
+        return
+    if d.crop_size is not None and (len(d.crop_size) != 2 or min(d.crop_size) < 1):
+        raise ConfigError(f"data.crop_size must be [height, width] of positive ints, got {list(d.crop_size)}")
+    if d.crop_size is None and d.dataset != "embedded":
+        raise ConfigError("data.task=segmentation on .beton data needs data.crop_size [h, w] (Cityscapes: [512, 1024])")
+    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
+        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {list(d.scale_range)}")
+    if not 0 <= d.ignore_index <= 255:
+        raise ConfigError(f"data.ignore_index={d.ignore_index} must be in [0, 255] (label maps are stored as uint8)")
+    given = (cfg.method.options.get("seg") or {}).get("ignore_index")
+    if given is not None and given != d.ignore_index:
+        raise ConfigError(f"method.options.seg.ignore_index={given} differs from data.ignore_index={d.ignore_index}; "
+                          "set data.ignore_index only (the method takes it from there)")
+    for key, value in (("data.mixup", d.mixup), ("data.cutmix", d.cutmix), ("data.randaugment", d.randaugment),
+                       ("data.random_erasing", d.random_erasing), ("train.label_smoothing", cfg.train.label_smoothing)):
+        if value:
+            raise ConfigError(f"{key}={value} is a classification option; data.task=segmentation does not take it")
 
 
 def _check_device_present(device: str) -> None:
@@ -427,7 +490,23 @@ def _natural(key: str) -> list:
 
 
 def num_classes_of(cfg: DictConfig) -> int:
-    return cfg.data.embedded.num_classes if cfg.data.dataset == "embedded" else cfg.data.num_classes
+    """The models' output classes: the embedded set's shape classes (plus the background for
+    segmentation), or ``data.num_classes`` of .beton data."""
+    if cfg.data.dataset == "embedded":
+        return cfg.data.embedded.num_classes + (cfg.data.task == "segmentation")
+    return cfg.data.num_classes
+
+
+def class_names_of(cfg: DictConfig) -> Optional[list[str]]:
+    """The names of the run's classes where the data has them: the embedded set's shapes (after
+    ``background`` for segmentation), Cityscapes' 19 classes for segmentation .beton data with 19
+    classes; else None."""
+    seg = cfg.data.task == "segmentation"
+    if cfg.data.dataset == "embedded":
+        return (["background"] if seg else []) + list(CLASSES[: cfg.data.embedded.num_classes])
+    if seg and cfg.data.num_classes == len(CITYSCAPES_CLASSES):
+        return list(CITYSCAPES_CLASSES)
+    return None
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data import DeviceLoader, EmbeddedSpec, embedded_beton, generate, make_loader
+from ..data.segmentation import make_segmentation_loader
 from .distributed import DistContext
 from .setup import Precision
 
@@ -49,7 +51,8 @@ def build_loaders(cfg, precision: Precision, dist: DistContext) -> tuple:
 
     Returns:
         ``(train_loader, val_loader)``, yielding ``(images, labels, indices)`` and
-        ``(images, labels)`` on the device.
+        ``(images, labels)`` on the device (labels ``[B]``, or label maps ``[B, H, W]`` for
+        ``data.task=segmentation``).
 
     Raises:
         FileNotFoundError: a ``.beton`` path does not exist.
@@ -61,6 +64,8 @@ def build_loaders(cfg, precision: Precision, dist: DistContext) -> tuple:
 
 def _build_loaders(cfg, precision: Precision, dist: DistContext) -> tuple:
     d = cfg.data
+    if d.task == "segmentation":
+        return _segmentation_loaders(cfg, precision, dist)
     train_size = d.batch_size
     val_size = d.val_batch_size or 2 * d.batch_size
     train = dict(pipeline=f"{d.pipeline}_train", batch_size=train_size, order=d.order,
@@ -72,14 +77,14 @@ def _build_loaders(cfg, precision: Precision, dist: DistContext) -> tuple:
             raise ModuleNotFoundError("data.device_resident=false reads the embedded dataset through FFCV, which is "
                                       "not installed (the [ffcv] extra); leave data.device_resident=auto",
                                       name="ffcv")
-        spec = _embedded_spec(cfg)
+        spec = embedded_spec(cfg)
         loaders = []
         for split, options in (("train", train), ("val", val)):
             images, labels, _ = generate(spec, split)
             loaders.append(DeviceLoader.from_arrays(images, labels, **options, **common))
         return tuple(loaders)
     if d.dataset == "embedded":
-        train_path, val_path = _embedded_paths(_embedded_spec(cfg), dist)
+        train_path, val_path = _embedded_paths(embedded_spec(cfg), dist)
     else:
         train_path, val_path = Path(d.train_path), Path(d.val_path)
         for key, path in (("data.train_path", train_path), ("data.val_path", val_path)):
@@ -90,6 +95,48 @@ def _build_loaders(cfg, precision: Precision, dist: DistContext) -> tuple:
                                       "(the [ffcv] extra)", name="ffcv")
     return (make_loader(train_path, device_resident=d.device_resident, **train, **common),
             make_loader(val_path, device_resident=d.device_resident, **val, **common))
+
+
+def embedded_segmentation(spec: EmbeddedSpec, split: str) -> tuple:
+    """The embedded dataset as a segmentation task.
+
+    Args:
+        spec: the embedded dataset's parameters.
+        split: ``"train"`` or ``"val"``.
+
+    Returns:
+        ``(images uint8 [N, S, S, 3], label maps uint8 [N, S, S])``: each image's class + 1 on its
+        object's pixels (the generator's foreground mask), 0 (background) elsewhere.
+    """
+    images, labels, masks = generate(spec, split)
+    maps = masks.astype(np.uint8) * (labels.astype(np.uint8) + 1)[:, None, None]
+    return images, maps
+
+
+def _segmentation_loaders(cfg, precision: Precision, dist: DistContext) -> tuple:
+    """``data.task=segmentation``: the embedded set's label maps, or a ``kdengine data write
+    cityscapes`` .beton pair, through :func:`kdengine.data.segmentation.make_segmentation_loader`."""
+    d = cfg.data
+    if d.dataset == "embedded":
+        spec = embedded_spec(cfg)
+        sources = [embedded_segmentation(spec, split) for split in ("train", "val")]
+    else:
+        sources = [Path(d.train_path), Path(d.val_path)]
+        for key, path in zip(("data.train_path", "data.val_path"), sources):
+            if not path.is_file():
+                raise FileNotFoundError(f"{key}={path}: no such .beton file (write one with "
+                                        "`kdengine data write cityscapes`)")
+    common = dict(device=precision.device, dtype=precision.input_dtype, channels_last=precision.channels_last,
+                  ignore_index=d.ignore_index, seed=cfg.train.seed, distributed=dist.enabled,
+                  num_workers=d.num_workers, device_resident=d.device_resident,
+                  mean=list(d.mean) if d.mean is not None else None, std=list(d.std) if d.std is not None else None)
+    # null: the stored size of the embedded set's square images (validation requires it for .beton data)
+    crop = tuple(d.crop_size) if d.crop_size is not None else (d.embedded.size, d.embedded.size)
+    train = make_segmentation_loader(sources[0], pipeline="seg_train", batch_size=d.batch_size, order=d.order,
+                                     crop_size=crop, scale_range=tuple(d.scale_range), **common)
+    val = make_segmentation_loader(sources[1], pipeline="seg_val", batch_size=d.val_batch_size or d.batch_size,
+                                   **common)
+    return train, val
 
 
 def _loader_options(cfg, precision: Precision, dist: DistContext) -> dict:
@@ -113,7 +160,8 @@ def _augmentations(data_cfg) -> dict:
             if value}
 
 
-def _embedded_spec(cfg) -> EmbeddedSpec:
+def embedded_spec(cfg) -> EmbeddedSpec:
+    """The embedded dataset's parameters of a run's configuration (``data.embedded``)."""
     e = cfg.data.embedded
     return EmbeddedSpec(num_classes=e.num_classes, size=e.size, train_per_class=e.train_per_class,
                         val_per_class=e.val_per_class, seed=e.seed)

@@ -3,19 +3,20 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from ..losses.segmentation import ALIGN_CORNERS, upsample_logits
 from ..viz.calibration import ECE_BINS, calibration_bins, ece_from_bins
 from . import checkpoint as ckpt
-from .config import ExperimentConfig, apply_overrides, validate
+from .config import ExperimentConfig, apply_overrides, class_names_of, num_classes_of, validate
 from .datasets import build_loaders
 from .distributed import DistContext
-from .metrics import topk_correct
+from .metrics import confusion_matrix, segmentation_scores, topk_correct
 from .setup import Precision, build_models, model_tags, resolve_device
 
 
@@ -61,6 +62,76 @@ def evaluate_models(models: Sequence[nn.Module], tags: Sequence[str], loader, de
     return result
 
 
+@torch.no_grad()
+def evaluate_segmentation(models: Sequence[nn.Module], tags: Sequence[str], loader, device: torch.device,
+                          num_classes: int, ignore_index: int = 255, autocast: Callable = nullcontext,
+                          dist: DistContext = DistContext(), class_names: Optional[Sequence[str]] = None,
+                          align_corners: bool = ALIGN_CORNERS) -> dict[str, float]:
+    """Whole-image evaluation of segmentation models and their ensemble (the mean of their pixel
+    probabilities): each model's logits upsampled to the label map's size
+    (:func:`kdengine.losses.segmentation.upsample_logits`, as the training loss does), the argmax
+    compared with the labels, confusion matrices summed over all ranks.
+
+    Args:
+        models: segmentation models (``forward`` returns a ``SegOutput``).
+        tags: each model's name in the metrics.
+        loader: yields ``(images, labels [B, H, W])``.
+        device: where the sums live.
+        num_classes: K.
+        ignore_index: the label of pixels without a class.
+        autocast: the run's autocast context.
+        dist: the process group.
+        class_names: K names for the per-class IoU keys (default ``0 .. K-1``).
+        align_corners: of the bilinear upsampling (the method's ``seg.align_corners``).
+
+    Returns:
+        For every model and ``ensemble``: ``<tag>/miou``, ``<tag>/pixel_accuracy`` (percent),
+        ``<tag>/loss`` (mean per-pixel cross-entropy over the labelled pixels) and
+        ``<tag>/iou/<class>`` (percent; NaN for a class absent from the labels and predictions).
+        Leaves the models in eval mode.
+    """
+    for model in models:
+        model.eval()
+    names = list(tags) + ["ensemble"]
+    confusion = torch.zeros(len(names), num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros(len(names), dtype=torch.float64, device=device)
+    pixels = torch.zeros((), dtype=torch.float64, device=device)
+    loader.set_epoch(0)
+    for batch in loader:
+        images, labels = batch[0], batch[1]
+        with autocast():
+            logits = [upsample_logits(m(images).logits.float(), labels.shape[-2:], align_corners) for m in models]
+        probs = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(0)
+        for i, z in enumerate(logits):
+            loss_sum[i] += F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
+        loss_sum[-1] += F.nll_loss(probs.clamp_min(1e-12).log(), labels, ignore_index=ignore_index, reduction="sum")
+        pixels += (labels != ignore_index).sum()
+        for i, z in enumerate(logits + [probs]):
+            confusion[i] += confusion_matrix(z.argmax(1), labels, num_classes, ignore_index)
+    dist.all_reduce_sum(confusion)
+    dist.all_reduce_sum(loss_sum)
+    dist.all_reduce_sum(pixels)
+    class_names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
+    result = {}
+    for name, conf, loss in zip(names, confusion, (loss_sum / pixels.clamp_min(1)).tolist()):
+        scores = segmentation_scores(conf)
+        result.update({f"{name}/miou": scores["miou"], f"{name}/pixel_accuracy": scores["pixel_accuracy"],
+                       f"{name}/loss": loss})
+        result.update({f"{name}/iou/{c}": v for c, v in zip(class_names, scores["iou"])})
+    return result
+
+
+def evaluate_run_models(cfg, models: Sequence[nn.Module], tags: Sequence[str], loader, device: torch.device,
+                        autocast: Callable = nullcontext, dist: DistContext = DistContext()) -> dict[str, float]:
+    """:func:`evaluate_models` or, for ``data.task=segmentation``, :func:`evaluate_segmentation`
+    with the run's classes and ignore label."""
+    if cfg.data.task == "segmentation":
+        align = OmegaConf.select(cfg, "method.options.seg.align_corners", default=ALIGN_CORNERS)
+        return evaluate_segmentation(models, tags, loader, device, num_classes_of(cfg), cfg.data.ignore_index,
+                                     autocast, dist, class_names=class_names_of(cfg), align_corners=bool(align))
+    return evaluate_models(models, tags, loader, device, autocast, dist)
+
+
 def evaluate_checkpoint(path, overrides: Sequence[str] = ()) -> dict:
     """Rebuild the models and the validation loader of the run that saved ``path`` (its stored
     configuration, then ``overrides``), load the weights and evaluate them as the run did (its
@@ -98,7 +169,7 @@ def evaluate_checkpoint(path, overrides: Sequence[str] = ()) -> dict:
     _, val_loader = build_loaders(cfg, precision, DistContext())
     models = build_models(cfg, precision, weights=[ckpt.model_state_dict(state, i) for i in range(len(cfg.models))])
     tags = model_tags(cfg)
-    metrics = evaluate_models(models, tags, val_loader, device, precision.autocast)
+    metrics = evaluate_run_models(cfg, models, tags, val_loader, device, precision.autocast)
     return {"metrics": metrics, "tags": tags, "names": [m.name for m in cfg.models],
             "roles": [m.role for m in cfg.models], "epoch": state["epoch"],
             "step_in_epoch": state.get("step_in_epoch", 0), "config": cfg, "path": path}

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..models import create_model, load_pretrained
 from .config import num_classes_of
@@ -144,3 +144,13 @@ def model_tags(cfg: DictConfig) -> list[str]:
         seen[role] = seen.get(role, 0) + 1
         tags.append(f"{role}{seen[role]}" if roles.count(role) > 1 else role)
     return tags
+
+
+def run_method_options(cfg: DictConfig) -> dict:
+    """The keyword options ``build_method`` gets for a run: ``method.options``, with a
+    segmentation run's ``seg.ignore_index`` taken from ``data.ignore_index`` (the label the data
+    pads with), so the two can never disagree (validation refuses a different one)."""
+    options = OmegaConf.to_container(cfg.method.options, resolve=True)
+    if cfg.data.task == "segmentation":
+        options.setdefault("seg", {})["ignore_index"] = int(cfg.data.ignore_index)
+    return options

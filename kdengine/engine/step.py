@@ -21,7 +21,7 @@ from ..data.augment import BatchMix
 from .config import OPTIMIZERS
 from .cuda_graph import CapturedStep
 from .ema import ModelEma
-from .metrics import topk_correct
+from .metrics import pixel_accuracy, topk_correct
 from .setup import Precision
 
 
@@ -109,12 +109,14 @@ class JointStep:
             (None: no clipping); on the device, no host sync.
         emas: weight averages updated after each optimizer step.
         mix: mixup / cutmix / label smoothing of each batch, drawn from the step number.
+        ignore_index: the unlabelled pixels of segmentation label maps (``[B, H, W]`` labels),
+            left out of the ``<tag>/pixel_accuracy`` metric.
     """
 
     def __init__(self, models: Sequence[nn.Module], method: nn.Module, optimizer: torch.optim.Optimizer,
                  precision: Precision, tags: Sequence[str], *, forward_models: Optional[Sequence[nn.Module]] = None,
                  dist=None, cuda_graph: bool = False, compile: bool = False, clip_grad: Optional[float] = None,
-                 emas: Sequence[ModelEma] = (), mix: Optional[BatchMix] = None):
+                 emas: Sequence[ModelEma] = (), mix: Optional[BatchMix] = None, ignore_index: int = 255):
         self.models = list(models)
         self.method = method
         self.optimizer = optimizer
@@ -130,6 +132,7 @@ class JointStep:
         self._clipped = [p for g in optimizer.param_groups for p in g["params"]]
         self.emas = list(emas)
         self.mix = mix
+        self.ignore_index = int(ignore_index)
         self._calls = 0
 
     def autocast(self):
@@ -156,6 +159,10 @@ class JointStep:
             ema.update()
         metrics = {"loss": losses.total.detach().float()}
         metrics.update({k: v.detach().float() for k, v in losses.terms.items()})
+        if labels.dim() == 3:  # segmentation: label maps
+            for tag, out in zip(self.tags, outputs):
+                metrics[f"{tag}/pixel_accuracy"] = pixel_accuracy(out.logits.detach(), labels, self.ignore_index)
+            return metrics
         classes = labels if labels.dim() == 1 else labels.argmax(1)  # soft targets: their largest class
         for tag, out in zip(self.tags, outputs):
             metrics[f"{tag}/top1"] = topk_correct(out.logits.detach(), classes, ks=(1,))[0].float() / labels.shape[0]

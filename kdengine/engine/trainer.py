@@ -31,10 +31,10 @@ from . import checkpoint as ckpt
 from .config import ConfigError, ExperimentConfig, config_differences, num_classes_of, to_yaml, validate
 from .datasets import build_loaders
 from .ema import ModelEma
-from .evaluate import evaluate_models
-from .metrics import DeviceMeter, RunLog
+from .evaluate import evaluate_run_models
+from .metrics import ACCURACY_METRICS, PRIMARY_METRICS, DeviceMeter, RunLog
 from .schedule import lr_lambda
-from .setup import Precision, build_models, device_and_processes, model_tags
+from .setup import Precision, build_models, device_and_processes, model_tags, run_method_options
 from .step import JointStep, build_optimizer
 
 #: ``train.resume`` values that look for the stopped run themselves (``auto``: one must exist).
@@ -99,6 +99,11 @@ def _text(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _is_accuracy(key: str) -> bool:
+    """A training metric the step reports as a fraction (``<tag>/top1``, ``<tag>/pixel_accuracy``)."""
+    return key.rpartition("/")[2] in ACCURACY_METRICS
+
+
 def default_run_name(cfg: DictConfig) -> str:
     models = "-".join(m.name for m in cfg.models)
     return f"{cfg.method.name.replace('+', '-')}_{models}_seed{cfg.train.seed}"
@@ -109,7 +114,7 @@ class Trainer:
 
     ``fit()`` returns a summary dict: ``status`` (a :class:`RunStatus`: ``"completed"``,
     ``"max_steps"``, ``"interrupted"``), ``run_dir``, ``epoch``, ``global_step``, ``last`` (the
-    last evaluation) and ``best`` (each model's best top-1). A non-finite loss raises
+    last evaluation) and ``best`` (each model's best top-1; mIoU for segmentation). A non-finite loss raises
     ``NonFiniteLossError``.
     """
 
@@ -150,6 +155,7 @@ class Trainer:
         t = cfg.train
         seed_everything(t.seed)
         self.num_classes = num_classes_of(cfg)
+        self.metric = PRIMARY_METRICS[cfg.data.task]  # what ranks the models: top1 or miou
         self.tags = model_tags(cfg)
         self.roles = tuple(m.role for m in cfg.models)
 
@@ -163,7 +169,7 @@ class Trainer:
 
         seed_everything(t.seed)  # the models' initialisation does not depend on the data set-up
         self.models = build_models(cfg, self.precision)
-        options = OmegaConf.to_container(cfg.method.options)
+        options = run_method_options(cfg)
         base_name = cfg.method.name.split("+")[0]
         if base_name in ("pat", "ofa"):  # built for the training images' side unless the config says
             own = options.setdefault(base_name, {})
@@ -171,7 +177,7 @@ class Trainer:
                 own["img_size"] = self.train_loader.resolution(0)
         self.method = build_method(
             cfg.method.name, list(self.models), roles=self.roles, num_classes=self.num_classes,
-            num_samples=self.train_loader.dataset_size, **options,
+            num_samples=self.train_loader.dataset_size, task=cfg.data.task, **options,
         ).to(self.device)
         counts = self.method.parameter_counts()
         if counts and self.show_progress:
@@ -186,6 +192,10 @@ class Trainer:
                         f"models.{i}.checkpoint (train one with `kdengine train method.name=vanilla`)"
                     )
                 self.models[i].requires_grad_(False)
+        if t.sync_bn and self.dist.enabled:  # the statistics of the whole global batch (segmentation recipes)
+            for i, trainable in enumerate(self.trainable):
+                if trainable:
+                    self.models[i] = nn.SyncBatchNorm.convert_sync_batchnorm(self.models[i])
         self.forward_models = [self._wrap_ddp(m) if tr else m for m, tr in zip(self.models, self.trainable)]
 
         self.optimizer = build_optimizer(cfg.optim, self.models, [m.lr for m in cfg.models], self.trainable,
@@ -208,7 +218,7 @@ class Trainer:
         self.step = JointStep(self.models, self.method, self.optimizer, self.precision, self.tags,
                               forward_models=self.forward_models, dist=self.dist,
                               cuda_graph=t.cuda_graph and not self.dist.enabled, clip_grad=cfg.optim.clip_grad,
-                              emas=self.emas, mix=self.mix)
+                              emas=self.emas, mix=self.mix, ignore_index=cfg.data.ignore_index)
         self._check_loader_augmentations()
         self._stop_requested = False
 
@@ -422,9 +432,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, loader=None) -> dict[str, float]:
-        """Top-1, top-5 and mean loss of every model and of their ensemble on the validation set."""
-        result = evaluate_models(self.models, self.tags, loader or self.val_loader, self.device,
-                                 self.step.autocast, self.dist)
+        """Every model's and their ensemble's validation metrics: top-1, top-5, loss and ECE, or for
+        segmentation mIoU, pixel accuracy, loss and per-class IoU (:mod:`.evaluate`)."""
+        result = evaluate_run_models(self.cfg, self.models, self.tags, loader or self.val_loader, self.device,
+                                     self.step.autocast, self.dist)
         for model, trainable in zip(self.models, self.trainable):
             model.train(trainable)
         return result
@@ -602,10 +613,10 @@ class Trainer:
     def _log_running(self, progress, task, rate: float) -> None:
         """One host sync every ``log_every`` steps: the running means, checked, on the progress bar."""
         running = self.meter.read()
-        self._check_finite({k: v for k, v in running.items() if not k.endswith("/top1")})
+        self._check_finite({k: v for k, v in running.items() if not _is_accuracy(k)})
         if progress:  # the loss first: on a narrow terminal the bar cuts the terms after it
             info = f"{rate:,.0f} img/s  loss {running.get('loss', float('nan')):.3f}  " + "  ".join(
-                f"{k} {v:.3f}" for k, v in running.items() if k != "loss" and "/top1" not in k)
+                f"{k} {v:.3f}" for k, v in running.items() if k != "loss" and not _is_accuracy(k))
             progress.update(task, completed=self.global_step, info=info,
                             step=f"step {self.step_in_epoch}/{self.steps_per_epoch}")
 
@@ -636,8 +647,8 @@ class Trainer:
         """Top-1, top-5 and loss of each EMA model (``<tag>_ema/...``); not part of the ensemble."""
         if not self.emas:
             return {}
-        result = evaluate_models([ema.module for ema in self.emas], self.ema_tags, self.val_loader, self.device,
-                                 self.step.autocast, self.dist)
+        result = evaluate_run_models(self.cfg, [ema.module for ema in self.emas], self.ema_tags, self.val_loader,
+                                     self.device, self.step.autocast, self.dist)
         return {k: v for k, v in result.items() if not k.startswith("ensemble/")}
 
     def _end_epoch(self, progress) -> None:
@@ -658,11 +669,11 @@ class Trainer:
         val.update(self._evaluate_emas())
         eval_seconds = time.perf_counter() - eval_started
         for tag in self.tags + ["ensemble"] + self.ema_tags:  # each its own best, never the best of two
-            self.best[tag] = max(self.best.get(tag, float("-inf")), val[f"{tag}/top1"])
+            self.best[tag] = max(self.best.get(tag, float("-inf")), val[f"{tag}/{self.metric}"])
         lr = self.optimizer.param_groups[0]["lr"]
         self.log.write({"epoch": epoch, "split": "train", "step": self.global_step, "lr": float(lr),
                         "epoch_s": round(train_seconds, 3),
-                        **{k: (100 * v if k.endswith("/top1") else v) for k, v in train_metrics.items()}},
+                        **{k: (100 * v if _is_accuracy(k) else v) for k, v in train_metrics.items()}},
                        step=self.global_step)
         self.log.write({"epoch": epoch, "split": "val", "step": self.global_step, "eval_s": round(eval_seconds, 3),
                         **val}, step=self.global_step)
@@ -676,8 +687,10 @@ class Trainer:
 
             plot_curves(self.log.records(), self.run_dir / "curves.png")
         if progress:
-            summary = "  ".join(f"{tag} {val[f'{tag}/top1']:.2f}" for tag in self.tags + ["ensemble"] + self.ema_tags)
-            progress.console.print(f"epoch {epoch + 1}/{self.cfg.train.epochs}  val top-1: {summary}")
+            summary = "  ".join(f"{tag} {val[f'{tag}/{self.metric}']:.2f}"
+                                for tag in self.tags + ["ensemble"] + self.ema_tags)
+            what = "top-1" if self.metric == "top1" else self.metric
+            progress.console.print(f"epoch {epoch + 1}/{self.cfg.train.epochs}  val {what}: {summary}")
 
 
 class _NoProgress:

@@ -18,10 +18,12 @@ def mutual_kl(
     """Each model's distillation term in mutual learning (ADM paper Eq. 2-3).
 
     For model m: ``tau^2 * KL(p_n || p_m)`` averaged over the other models n, each ``p_n``
-    detached (the average for more than two models as in DML).
+    detached (the average for more than two models as in DML). Dense logits ``[B, C, h, w]``
+    (segmentation) give the per-pixel KL averaged over every pixel of the grid (:func:`kd_kl`):
+    DML's L_kd "both ways", each model towards the others, at every pixel.
 
     Args:
-        logits: every model's logits, ``[B, C]`` each, two or more.
+        logits: every model's logits, ``[B, C]`` or ``[B, C, *]`` each (one shape), two or more.
         temperature: tau.
         gates: optional 0-d multipliers ``{(m, n): g}`` of the term of model m towards model n,
             applied before averaging (SwitOKD's per-pair switch); missing pairs are not scaled.

@@ -1,5 +1,6 @@
 """The ADM component every ``<method>+adm`` adds: ADM between each teacher and each student
-(:class:`ADMPairs`), with the previous-epoch teacher predictions of ``di="kd"``."""
+(:class:`ADMPairs`), with the previous-epoch teacher predictions of ``di="kd"``; for
+segmentation, dense ADM (:class:`~kdengine.losses.DenseADMLoss`) per pair."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -7,9 +8,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..losses.adm import ADMLoss, kd_delta
+from ..losses.adm import DENSE_FORMS, ADMLoss, DenseADMLoss, kd_delta
 from ..losses.kl import soft_probs
-from .base import stage_channels
+from ..losses.segmentation import IGNORE_INDEX
+from .base import TASKS, stage_channels
 
 _BUFFER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,6 +27,21 @@ def _head(model: nn.Module, index: int) -> nn.Module:
         raise ValueError(
             f"model {index} ({type(model).__name__}) exposes no classifier `head`, which ADM needs"
         ) from None
+
+
+def _head_channels(model: nn.Module, index: int) -> int:
+    ch = getattr(model, "head_channels", None)
+    if not ch:
+        raise ValueError(
+            f"model {index} ({type(model).__name__}) has no `head_channels`, which dense ADM needs "
+            "(a segmentation model's head feature channels)"
+        )
+    return int(ch)
+
+
+def _last_stages(output, k: int):
+    """``output`` with only its last ``k`` stage features (a ``SegOutput`` is a NamedTuple)."""
+    return output if len(output.features) == k else output._replace(features=list(output.features)[-k:])
 
 
 class ADMPairs(nn.Module):
@@ -46,6 +63,11 @@ class ADMPairs(nn.Module):
     ``delta`` (Eq. 12, linear ``delta_start -> delta_end``) is a buffer set in ``start_epoch``.
     The stored prediction is ``softmax(z_t / tau)`` of the teacher's ordinary logits.
 
+    Segmentation (``task="segmentation"``): each pair's loss is a
+    :class:`~kdengine.losses.DenseADMLoss` (S on the head features, L_co / L_di by region pooling
+    or per-pixel weighted CE: ``dense``; L_feat on the backbone stages), its ``parts`` called with
+    the two ``SegOutput`` s and the label map. Only ``co = di = "ce"`` (Eq. 7-8).
+
     Args:
         models: every model of the method (their ``head`` and ``stage_channels`` are read).
         pairs: ``(teacher, student)`` indices into ``models``.
@@ -54,10 +76,16 @@ class ADMPairs(nn.Module):
         num_samples: the training-set size (``di="kd"`` only: the buffer's rows).
         num_classes: the logits' width (``di="kd"`` only).
         buffer_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: the stored predictions.
+        task: ``"classification"`` or ``"segmentation"``.
+        dense: (segmentation) ``"region"`` (default) or ``"pixel"``; must be None for
+            classification.
+        ignore_index: (segmentation) the label that counts nowhere.
 
     Raises:
-        ValueError: no pairs, a model without ``head`` or ``stage_channels``, or for ``di="kd"``
-            a missing ``num_samples`` / ``num_classes`` or an unknown ``buffer_dtype``.
+        ValueError: no pairs, a model without ``head`` or ``stage_channels`` (segmentation: or
+            ``head_channels``), for ``di="kd"`` a missing ``num_samples`` / ``num_classes`` or an
+            unknown ``buffer_dtype``; an unknown task, ``dense`` for classification, an unknown
+            ``dense``, ``"kd"`` variants or no ``num_classes`` for segmentation.
     """
 
     def __init__(
@@ -78,11 +106,30 @@ class ADMPairs(nn.Module):
         num_samples: Optional[int] = None,
         num_classes: Optional[int] = None,
         buffer_dtype: str = "float32",
+        task: str = "classification",
+        dense: Optional[str] = None,
+        ignore_index: int = IGNORE_INDEX,
     ):
         super().__init__()
         self.pairs = [(int(t), int(s)) for t, s in pairs]
         if not self.pairs:
             raise ValueError("ADM needs at least one (teacher, student) pair")
+        if task not in TASKS:
+            raise ValueError(f"ADM task must be one of {TASKS}, got {task!r}")
+        if task == "classification" and dense is not None:
+            raise ValueError(f"ADM dense={dense!r} applies to task='segmentation' only")
+        if task == "segmentation":
+            dense = "region" if dense is None else dense
+            if dense not in DENSE_FORMS:
+                raise ValueError(f"ADM dense must be one of {DENSE_FORMS}, got {dense!r}")
+            if co != "ce" or di != "ce":
+                raise ValueError(
+                    f"ADM for segmentation supports co='ce' and di='ce' only (Eq. 7-8; the 'kd' variants would "
+                    f"need per-pixel previous-epoch teacher maps), got co={co!r}, di={di!r}"
+                )
+            if not num_classes:
+                raise ValueError("ADM for segmentation needs num_classes (the classes it pools)")
+        self.task, self.dense = task, dense
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.co, self.di = co, di
         self.temperature = float(temperature)
@@ -93,6 +140,17 @@ class ADMPairs(nn.Module):
             ch_s, ch_t = stage_channels(models[s], s), stage_channels(models[t], t)
             k = min(len(ch_s), len(ch_t))
             self.num_stages.append(k)
+            if task == "segmentation":
+                self.losses.append(
+                    DenseADMLoss(
+                        _head(models[s], s), _head(models[t], t), alpha, beta, gamma,
+                        num_classes=int(num_classes), dense=dense, ignore_index=ignore_index,
+                        student_channels=ch_s[-k:], teacher_channels=ch_t[-k:],
+                        student_head_channels=_head_channels(models[s], s),
+                        teacher_head_channels=_head_channels(models[t], t), eps=eps, impl=impl,
+                    )
+                )
+                continue
             self.losses.append(
                 ADMLoss(
                     _head(models[s], s), _head(models[t], t), alpha, beta, gamma, co, di,
@@ -173,8 +231,8 @@ class ADMPairs(nn.Module):
         """Add each pair's ADM terms to ``terms``.
 
         Args:
-            outputs: every model's ``ModelOutput``.
-            target: the labels, ``[B]``.
+            outputs: every model's ``ModelOutput`` (segmentation: ``SegOutput``).
+            target: the labels, ``[B]`` (segmentation: the label map ``[B, H, W]``).
             indices: the dataset indices of the batch (``di="kd"``), else unused.
             terms: the method's term dict, extended in place (``co/``, ``di/``, ``feat/``,
                 ``adm/`` per model).
@@ -184,10 +242,13 @@ class ADMPairs(nn.Module):
         if self.needs_indices:
             prev = {t: self.previous(t, indices) for t in self.teachers}
         for (t, s), k, loss in zip(self.pairs, self.num_stages, self.losses):
-            probs, delta = prev.get(t, (None, None))
-            co, di, feat = loss.parts(
-                outputs[s].features[-k:], outputs[t].features[-k:], target, probs, delta
-            )
+            if self.task == "segmentation":
+                co, di, feat = loss.parts(_last_stages(outputs[s], k), _last_stages(outputs[t], k), target)
+            else:
+                probs, delta = prev.get(t, (None, None))
+                co, di, feat = loss.parts(
+                    outputs[s].features[-k:], outputs[t].features[-k:], target, probs, delta
+                )
             if co is not None:
                 _add_term(terms, f"co/{s}", co)
                 _add_term(terms, f"adm/{s}", self.alpha * co)
@@ -205,7 +266,8 @@ class ADMPairs(nn.Module):
                 self.record(t, outputs[t].logits.detach(), indices)
 
     def extra_repr(self) -> str:
+        dense = f", dense={self.dense!r}" if self.dense is not None else ""
         return (
             f"pairs={self.pairs}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, "
-            f"co={self.co!r}, di={self.di!r}"
+            f"co={self.co!r}, di={self.di!r}{dense}"
         )

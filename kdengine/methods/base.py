@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from ..losses.segmentation import SegSettings, labels_at, seg_cross_entropy
 from ..models.base import ModelOutput
 
 if TYPE_CHECKING:  # only for annotations: adm.py imports this module
@@ -14,6 +16,10 @@ if TYPE_CHECKING:  # only for annotations: adm.py imports this module
 
 #: What a model can be in a run; the engine's config validates ``models.<i>.role`` against it.
 ROLES = ("teacher", "student")
+
+#: What the models predict: a class per image (logits ``[B, K]``, target ``[B]``) or per pixel
+#: (``SegOutput`` with logits ``[B, K, h, w]``, target ``[B, H, W]``).
+TASKS = ("classification", "segmentation")
 
 #: Prefixes of the terms whose sum is ``LossOutput.total`` (the others are diagnostics); ``reg``:
 #: a regulariser of a method's own modules (PAT's prompt term, keyed by the teacher's index).
@@ -101,22 +107,55 @@ class Method(nn.Module):
     ``forward``: a CUDA graph captured once must see the new value on replay. For the same reason
     ``forward`` has no host syncs (no ``.item()``, no Python branches on tensor values).
 
+    Segmentation (``task="segmentation"``, the online methods only): the outputs are
+    :class:`~kdengine.models.segmentation.SegOutput` s (logits ``[B, K, h, w]`` at the feature
+    grid) and the target an int64 label map ``[B, H, W]`` at the image's resolution
+    (``seg.ignore_index`` for unlabelled pixels). ``cross_entropy`` is then
+    :func:`~kdengine.losses.seg_cross_entropy` (logits upsampled to the labels, plus the
+    auxiliary head's term), the per-pixel rules read the labels at the logits' grid
+    (``grid_target``), and the ADM component is dense (``dense``: ``"region"`` or ``"pixel"``).
+    Soft targets are not taken.
+
     Args:
         roles: one of ``ROLES`` per model.
         num_classes: width of every model's logits.
         adm: the ADM component of a ``<method>+adm`` (``ADMPairs``), or None.
+        task: one of ``TASKS``.
+        seg: segmentation's options (``aux_weight``, ``ignore_index``, ``align_corners``; a
+            :class:`~kdengine.losses.SegSettings` or a dict, missing keys default), for
+            ``task="segmentation"`` only.
+
+    Raises:
+        ValueError: an unknown task, ``seg`` options for classification, or an ADM component
+            built for the other task.
     """
 
     trainable: tuple[bool, ...]
     needs_indices: bool = False
     soft_targets: bool = False
 
-    def __init__(self, roles: Sequence[str], num_classes: int, adm: Optional[ADMPairs] = None):
+    def __init__(self, roles: Sequence[str], num_classes: int, adm: Optional[ADMPairs] = None, *,
+                 task: str = "classification", seg=None):
         super().__init__()
+        name = type(self).__name__
         self.roles = self.check_roles(roles)
         self.trainable = self.trainable_of(self.roles)
         self.num_classes = int(num_classes)
         self.topology = topology(self.roles)
+        if task not in TASKS:
+            raise ValueError(f"{name}: task must be one of {TASKS}, got {task!r}")
+        if adm is not None and getattr(adm, "task", "classification") != task:
+            raise ValueError(f"{name}: the ADM component was built for task={adm.task!r}, the method for {task!r}")
+        self.task = task
+        #: segmentation's options (``SegSettings``), None for classification
+        self.seg: Optional[SegSettings] = None
+        if task == "segmentation":
+            self.seg = seg if isinstance(seg, SegSettings) else SegSettings(**(seg or {}))
+            self.soft_targets = False  # label maps only: mixup / cutmix of maps is not modelled
+        elif seg is not None:
+            raise ValueError(f"{name}: seg options apply to task='segmentation' only, got task={task!r}")
+        #: the dense ADM form (``"region"`` / ``"pixel"``) of a segmentation ``+adm``, else None
+        self.dense = adm.dense if adm is not None and task == "segmentation" else None
         self.adm = adm
         self.needs_indices = bool(adm is not None and adm.needs_indices)
 
@@ -179,11 +218,75 @@ class Method(nn.Module):
         """
         return None
 
+    # ---------------------------------------------------------------- task
+
+    def cross_entropy(self, output, target: torch.Tensor) -> torch.Tensor:
+        """A model's task loss: ``F.cross_entropy(logits, target)`` (classification; soft targets
+        too), or :func:`~kdengine.losses.seg_cross_entropy` of its logits and auxiliary logits
+        with this method's ``seg`` options (segmentation).
+
+        Args:
+            output: the model's ``ModelOutput`` / ``SegOutput``.
+            target: ``[B]`` (or ``[B, K]``) labels, or the ``[B, H, W]`` label map.
+
+        Returns:
+            The 0-d loss.
+        """
+        if self.seg is None:
+            return F.cross_entropy(output.logits, target)
+        return seg_cross_entropy(output.logits, target, output.aux_logits, aux_weight=self.seg.aux_weight,
+                                 ignore_index=self.seg.ignore_index, align_corners=self.seg.align_corners)
+
+    def grid_target(self, target: torch.Tensor, logits: torch.Tensor):
+        """The labels the per-pixel rules (KDCL's ensemble, SwitOKD's distances) read.
+
+        Args:
+            target: ``[B]`` (classification) or the ``[B, H, W]`` label map (segmentation).
+            logits: the logits the rule runs on, ``[B, K]`` or ``[B, K, h, w]``.
+
+        Returns:
+            ``(labels, valid)``: classification ``(target, None)``; segmentation the label map
+            nearest-downsampled to the logits' grid with the ignored pixels replaced by class 0
+            (so that gathers and one-hots stay in range) and ``valid`` the bool ``[B, h, w]``
+            mask of the pixels that were not ignored.
+        """
+        if self.seg is None:
+            return target, None
+        grid = labels_at(target, logits.shape[-2:])
+        valid = grid != self.seg.ignore_index
+        return torch.where(valid, grid, torch.zeros_like(grid)), valid
+
     # ---------------------------------------------------------------- forward
 
     def losses(self, outputs: Sequence[ModelOutput], target: torch.Tensor, terms: dict):
         """Fill ``terms`` with the method's own terms; return None or the ADM gates (see above)."""
         raise NotImplementedError  # pragma: no cover - every method overrides
+
+    def _check_segmentation(self, outputs, target: torch.Tensor) -> None:
+        name, k = type(self).__name__, self.num_classes
+        first = tuple(outputs[0].logits.shape)
+        for m, out in enumerate(outputs):
+            z = out.logits
+            if z.dim() != 4 or z.shape[1] != k:
+                raise ValueError(
+                    f"{name}: model {m} logits must be [B, {k}, h, w] (segmentation), got {tuple(z.shape)}"
+                )
+            if tuple(z.shape) != first:
+                raise ValueError(
+                    f"{name}: model {m} logits {tuple(z.shape)} differ from model 0's {first}: the per-pixel "
+                    "terms need every model on one grid"
+                )
+            aux = getattr(out, "aux_logits", None)
+            if aux is not None and (aux.dim() != 4 or aux.shape[:2] != z.shape[:2]):
+                raise ValueError(
+                    f"{name}: model {m} aux_logits must be [B, {k}, h, w] with B = {z.shape[0]}, got {tuple(aux.shape)}"
+                )
+        b = first[0]
+        if target.dim() != 3 or target.shape[0] != b or target.dtype.is_floating_point or target.dtype == torch.bool:
+            raise ValueError(
+                f"{name}: target must be an integer label map [B, H, W] with B = {b}, got "
+                f"{tuple(target.shape)} {target.dtype}"
+            )
 
     def _check(self, outputs: Sequence[ModelOutput], target: torch.Tensor, indices) -> None:
         name = type(self).__name__
@@ -191,6 +294,9 @@ class Method(nn.Module):
             raise ValueError(
                 f"{name}: built for {len(self.roles)} models {self.roles}, got {len(outputs)} outputs"
             )
+        if self.task == "segmentation":
+            self._check_segmentation(outputs, target)
+            return
         for m, out in enumerate(outputs):
             z = out.logits
             if z.dim() != 2 or z.shape[1] != self.num_classes:
@@ -220,8 +326,10 @@ class Method(nn.Module):
         """The losses of one batch.
 
         Args:
-            outputs: each model's ``ModelOutput``, in the order of ``roles``.
-            target: the labels, ``[B]``.
+            outputs: each model's ``ModelOutput`` (segmentation: ``SegOutput``), in the order of
+                ``roles``.
+            target: the labels, ``[B]`` (segmentation: the integer label map ``[B, H, W]``, used
+                as int64).
             indices: the dataset indices of the batch, ``[B]`` (needed when ``needs_indices``).
 
         Returns:
@@ -232,6 +340,8 @@ class Method(nn.Module):
                 or missing indices.
         """
         self._check(outputs, target, indices)
+        if self.task == "segmentation":
+            target = target.long()  # a uint8 / int32 label map too (no copy when already int64)
         terms: dict[str, torch.Tensor] = {}
         gates = self.losses(outputs, target, terms)
         if self.adm is not None:

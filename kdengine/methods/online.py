@@ -3,6 +3,18 @@
 Vanilla (each model its own CE), DML (Zhang et al., CVPR 2018; ADM paper Eq. 2-4), KDCL (Guo et
 al., CVPR 2020) and SwitOKD (Qian et al., ECCV 2022). Each takes an optional :class:`ADMPairs`
 (``<name>+adm``, ADM paper Eq. 5-12) added between every teacher and every student.
+
+Each also trains segmentation models (``task="segmentation"``, the ADM paper's Sec. 5.3 / Table 5):
+``ce/m`` is then the segmentation loss (:func:`~kdengine.losses.seg_cross_entropy`: logits
+upsampled bilinearly to the label map, ignored pixels left out, plus ``aux_weight`` times the
+auxiliary head's), the KL terms are per pixel at the logits' grid averaged over **every** pixel
+(ignored ones too: the KL needs no label; CIRKD's ``CriterionKD`` does the same), and the rules
+that read labels (KDCL's MinLogit ensemble, SwitOKD's distances) read the label map
+nearest-downsampled to that grid (``Method.grid_target``): KDCL's ensemble is per pixel, with
+ignored pixels gathering class 0 (any class gives a valid MinLogit ensemble; those pixels have no
+label to prefer); SwitOKD's distances are per pixel, averaged over the labelled pixels only, and
+the switch stays one decision per (teacher, student) pair and step (it gates the teacher's
+optimizer step).
 """
 from __future__ import annotations
 
@@ -18,9 +30,9 @@ from .base import Method, at_least_fp32, students_of, teachers_of
 KDCL_ENSEMBLES = ("minlogit", "mean")
 
 
-def _ce_terms(outputs, target, models: Sequence[int], terms: dict) -> None:
+def _ce_terms(method: Method, outputs, target, models: Sequence[int], terms: dict) -> None:
     for m in models:
-        terms[f"ce/{m}"] = F.cross_entropy(outputs[m].logits, target)
+        terms[f"ce/{m}"] = method.cross_entropy(outputs[m], target)
 
 
 class _Mutual(Method):
@@ -45,12 +57,13 @@ class Vanilla(Method):
         roles: one role per model (any roles, one model or more).
         num_classes: width of the logits.
         adm: the ADM component of ``vanilla+adm``, or None.
+        task, seg: see :class:`~kdengine.methods.base.Method`.
     """
 
     soft_targets = True  # the target is used only by cross-entropy, which takes class probabilities
 
     def losses(self, outputs, target, terms):
-        _ce_terms(outputs, target, range(len(outputs)), terms)
+        _ce_terms(self, outputs, target, range(len(outputs)), terms)
         return None
 
 
@@ -69,16 +82,18 @@ class DML(_Mutual):
         weight: lambda.
         temperature: tau.
         adm: the ADM component of ``dml+adm``, or None.
+        task, seg: see :class:`~kdengine.methods.base.Method`.
     """
 
     soft_targets = True  # the target is used only by cross-entropy, which takes class probabilities
 
-    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None):
-        super().__init__(roles, num_classes, adm)
+    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None, task="classification",
+                 seg=None):
+        super().__init__(roles, num_classes, adm, task=task, seg=seg)
         self.weight, self.temperature = float(weight), float(temperature)
 
     def losses(self, outputs, target, terms):
-        _ce_terms(outputs, target, range(len(outputs)), terms)
+        _ce_terms(self, outputs, target, range(len(outputs)), terms)
         for m, kl in enumerate(mutual_kl([o.logits for o in outputs], self.temperature)):
             terms[f"kl/{m}"] = self.weight * kl
         return None
@@ -90,13 +105,23 @@ def kdcl_ensemble(logits: Sequence[torch.Tensor], target: torch.Tensor, kind: st
     ``"minlogit"`` (KDCL-MinLogit, Eq. 7 of the KDCL paper): shift each model's logits so the
     target class sits at 0, ``z^m - z^m_y``, then take the element-wise minimum over the models.
     ``"mean"``: the plain average of the logits (the naive ensemble).
+
+    Args:
+        logits: every model's logits, ``[B, C]`` or ``[B, C, *]`` (per pixel) each.
+        target: class indices ``[B]`` or ``[B, *]``, every entry in ``[0, C)`` (segmentation:
+            ignored pixels replaced by some class, see ``Method.grid_target``).
+        kind: ``"minlogit"`` or ``"mean"``.
+
+    Returns:
+        The ensemble logits, the logits' shape, fp32 at least, detached.
     """
-    zs = torch.stack([at_least_fp32(z.detach()) for z in logits])  # [M, B, C]
+    zs = torch.stack([at_least_fp32(z.detach()) for z in logits])  # [M, B, C, *]
     if kind == "mean":
         return zs.mean(0)
     if kind != "minlogit":
         raise ValueError(f"kdcl ensemble must be one of {KDCL_ENSEMBLES}, got {kind!r}")
-    idx = target.view(1, -1, 1).expand(zs.shape[0], -1, 1)
+    idx = target.unsqueeze(1).unsqueeze(0)  # [1, B, 1, *]
+    idx = idx.expand(zs.shape[0], *idx.shape[1:])
     return (zs - zs.gather(2, idx)).amin(0)
 
 
@@ -116,24 +141,28 @@ class KDCL(_Mutual):
         temperature: tau.
         ensemble: ``"minlogit"`` or ``"mean"`` (:func:`kdcl_ensemble`).
         adm: the ADM component of ``kdcl+adm``, or None.
+        task, seg: see :class:`~kdengine.methods.base.Method`.
     """
 
-    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, ensemble="minlogit", adm=None):
-        super().__init__(roles, num_classes, adm)
+    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, ensemble="minlogit", adm=None,
+                 task="classification", seg=None):
+        super().__init__(roles, num_classes, adm, task=task, seg=seg)
         if ensemble not in KDCL_ENSEMBLES:
             raise ValueError(f"kdcl ensemble must be one of {KDCL_ENSEMBLES}, got {ensemble!r}")
         self.weight, self.temperature, self.ensemble = float(weight), float(temperature), ensemble
 
     def losses(self, outputs, target, terms):
-        _ce_terms(outputs, target, range(len(outputs)), terms)
-        z_e = kdcl_ensemble([o.logits for o in outputs], target, self.ensemble)
+        _ce_terms(self, outputs, target, range(len(outputs)), terms)
+        labels, _ = self.grid_target(target, outputs[0].logits)
+        z_e = kdcl_ensemble([o.logits for o in outputs], labels, self.ensemble)
         p_e = soft_probs(z_e, self.temperature)
         for m, o in enumerate(outputs):
             terms[f"kl/{m}"] = self.weight * kd_kl(o.logits, p_e, self.temperature)
         return None
 
 
-def switokd_switch(z_t: torch.Tensor, z_s: torch.Tensor, target: torch.Tensor, temperature: float = 1.0):
+def switokd_switch(z_t: torch.Tensor, z_s: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
+                   valid: Optional[torch.Tensor] = None):
     """SwitOKD's switching rule (Qian et al., ECCV 2022, Sec. 3.2-3.3), all on the device.
 
     With batch means of L1 distances of softened predictions (``tau``; the authors' code: 1):
@@ -142,14 +171,33 @@ def switokd_switch(z_t: torch.Tensor, z_s: torch.Tensor, target: torch.Tensor, t
     *expert* ("downtime") mode, paused while the student keeps learning, when ``G > delta`` and
     ``d_t < d_s`` (the second condition is in the authors' code); otherwise in *learning* mode.
 
+    Dense logits ``[B, C, *]`` (segmentation) give the distances per pixel; the means then run
+    over the pixels where ``valid`` is True (all three of them, so that ignored pixels count
+    nowhere; none valid: every distance 0, learning mode), and the switch is still one decision.
+
+    Args:
+        z_t, z_s: the teacher's and the student's logits, ``[B, C]`` or ``[B, C, *]``.
+        target: class indices ``[B]`` or ``[B, *]``, every entry in ``[0, C)``.
+        temperature: tau.
+        valid: optional bool ``[B, *]``: the pixels the means run over (None: all).
+
     Returns ``(expert, gap, threshold)``: a 0-d bool tensor and two 0-d floats. No host sync.
     """
     p_t = F.softmax(at_least_fp32(z_t.detach()) / temperature, dim=1)
     p_s = F.softmax(at_least_fp32(z_s.detach()) / temperature, dim=1)
     onehot = F.one_hot(target, z_t.shape[1]).to(p_t.dtype)
-    d_t = (p_t - onehot).abs().sum(1).mean()
-    d_s = (p_s - onehot).abs().sum(1).mean()
-    gap = (p_t - p_s).abs().sum(1).mean()
+    if onehot.dim() > 2:  # [B, *, C] -> [B, C, *], the logits' layout
+        onehot = onehot.movedim(-1, 1)
+
+    def mean(d: torch.Tensor) -> torch.Tensor:
+        if valid is None:
+            return d.mean()
+        w = valid.to(d.dtype)
+        return (d * w).sum() / w.sum().clamp_min(1)
+
+    d_t = mean((p_t - onehot).abs().sum(1))
+    d_s = mean((p_s - onehot).abs().sum(1))
+    gap = mean((p_t - p_s).abs().sum(1))
     threshold = d_s - torch.exp(-d_t / (d_s + d_t).clamp_min(1e-12)) * d_t
     expert = (gap > threshold) & (d_t < d_s)
     return expert, gap, threshold
@@ -182,10 +230,12 @@ class SwitOKD(Method):
         weight: lambda.
         temperature: tau (of the KL terms and of the switch).
         adm: the ADM component of ``switokd+adm``, or None.
+        task, seg: see :class:`~kdengine.methods.base.Method`.
     """
 
-    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None):
-        super().__init__(roles, num_classes, adm)
+    def __init__(self, roles, num_classes, *, weight=1.0, temperature=1.0, adm=None, task="classification",
+                 seg=None):
+        super().__init__(roles, num_classes, adm, task=task, seg=seg)
         self.weight, self.temperature = float(weight), float(temperature)
         self.teacher_ids, self.student_ids = teachers_of(self.roles), students_of(self.roles)
         self.register_buffer("gates", torch.ones(len(self.roles)))
@@ -202,10 +252,11 @@ class SwitOKD(Method):
 
     def losses(self, outputs, target, terms):
         learn = {}  # (teacher, student) -> 0-d float: 1 learning, 0 expert
+        labels, valid = self.grid_target(target, outputs[0].logits)
         for t in self.teacher_ids:
             for s in self.student_ids:
                 expert, gap, threshold = switokd_switch(
-                    outputs[t].logits, outputs[s].logits, target, self.temperature
+                    outputs[t].logits, outputs[s].logits, labels, self.temperature, valid
                 )
                 learn[(t, s)] = torch.where(expert, 0.0, 1.0)
                 terms[f"gap/{t}-{s}"] = gap
@@ -217,7 +268,7 @@ class SwitOKD(Method):
                     for t in self.teacher_ids for k in range(len(outputs)) if k != t}
         # each model's CE built before its KL terms, as the reference loop did: the same autograd
         # accumulation order, so the same gradients to the last bit
-        ces = [F.cross_entropy(o.logits, target) for o in outputs]
+        ces = [self.cross_entropy(o, target) for o in outputs]
         kls = mutual_kl([o.logits for o in outputs], self.temperature, kl_gates)
         gates = []
         for m, ce in enumerate(ces):

@@ -29,8 +29,8 @@ Registry names (``list_models()``):
   (resmlp); ``convnext_tiny`` (convnext); ``mobilenetv2_100`` (timm_mobilenetv2). timm's
   ResNet-18/50 layouts equal torchvision's (``resnet18``, ``resnet50`` above). Token models
   report ``[B, L, C]`` token features (``feature_format == "tokens"``), see their modules.
-- Semantic segmentation (dilated ResNets at output stride 8, ``deep_stem`` and ``aux`` options,
-  ImageNet backbone weights through ``backbone_weights``): ``deeplabv3_resnet18``
+- Semantic segmentation (dilated ResNets at output stride 8, ``deep_stem``, ``aux``, ``width``
+  and ``head_channels`` options, ImageNet backbone weights through ``backbone_weights``): ``deeplabv3_resnet18``
   ``deeplabv3_resnet101`` ``pspnet_resnet18`` ``pspnet_resnet101`` (segmentation). Their
   ``forward`` returns a ``SegOutput`` (per-pixel logits, auxiliary logits, the head feature and
   the stage features) instead of a ``ModelOutput``.
@@ -57,7 +57,8 @@ from . import (  # noqa: F401
 )
 from .base import KDModel, ModelOutput, create_model, list_models, register_model
 from .pretrained import load_pretrained
+from .segmentation import SEGMENTATION_MODELS, SegOutput
 from .utils import count_parameters
 
-__all__ = ["KDModel", "ModelOutput", "count_parameters", "create_model", "list_models", "load_pretrained",
-           "register_model"]
+__all__ = ["KDModel", "ModelOutput", "SEGMENTATION_MODELS", "SegOutput", "count_parameters", "create_model",
+           "list_models", "load_pretrained", "register_model"]

@@ -107,30 +107,36 @@ class DilatedResNet(nn.Module):
         block: ``BasicBlock`` (ResNet-18/34) or ``Bottleneck`` (ResNet-50/101).
         depths: blocks in layer1-4.
         deep_stem: the 3x3x3 "v1s" stem instead of torchvision's 7x7 conv.
+        width: the base width w (64: the ResNets; the stages have w, 2w, 4w, 8w planes and the deep
+            stem w, w, 2w channels). Smaller widths make the CPU-sized models of the embedded
+            segmentation task; ImageNet checkpoints fit only w = 64.
     """
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int], deep_stem: bool = True):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int], deep_stem: bool = True,
+                 width: int = 64):
         super().__init__()
-        e = block.expansion
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        e, w = block.expansion, width
         self.deep_stem = deep_stem
-        stem = 128 if deep_stem else 64
+        stem = 2 * w if deep_stem else w
         if deep_stem:
-            self.conv1 = nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.conv2 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(64)
-            self.conv3 = nn.Conv2d(64, 128, 3, padding=1, bias=False)
-            self.bn3 = nn.BatchNorm2d(128)
+            self.conv1 = nn.Conv2d(3, w, 3, stride=2, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(w)
+            self.conv2 = nn.Conv2d(w, w, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(w)
+            self.conv3 = nn.Conv2d(w, 2 * w, 3, padding=1, bias=False)
+            self.bn3 = nn.BatchNorm2d(2 * w)
         else:
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = make_stage(block, stem, 64, depths[0], stride=1)
-        self.layer2 = make_stage(block, 64 * e, 128, depths[1], stride=2)
-        self.layer3 = make_stage(block, 128 * e, 256, depths[2], stride=2)
-        self.layer4 = make_stage(block, 256 * e, 512, depths[3], stride=2)
+            self.conv1 = nn.Conv2d(3, w, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(w)
+        self.layer1 = make_stage(block, stem, w, depths[0], stride=1)
+        self.layer2 = make_stage(block, w * e, 2 * w, depths[1], stride=2)
+        self.layer3 = make_stage(block, 2 * w * e, 4 * w, depths[2], stride=2)
+        self.layer4 = make_stage(block, 4 * w * e, 8 * w, depths[3], stride=2)
         dilate_stage(self.layer3, STAGE_DILATIONS[0])
         dilate_stage(self.layer4, STAGE_DILATIONS[1])
-        self.stage_channels = (stem, 64 * e, 128 * e, 256 * e, 512 * e)
+        self.stage_channels = (stem, w * e, 2 * w * e, 4 * w * e, 8 * w * e)
         init_weights(self)
 
     def remap_state_dict(self, state: dict) -> dict:
@@ -257,9 +263,14 @@ class SegModel(KDModel):
         self.stage_channels = backbone.stage_channels
         self.head_channels = decoder.out_channels
         init_weights(self.decoder)
-        init_weights(self.classifier)
+        # The pixel classifiers as mmseg's decode heads: N(0, 0.01), zero bias. A Kaiming fan-out
+        # init of a 1x1 conv to K outputs (std sqrt(2 / K)) starts the CE far above log K.
+        classifiers = [self.classifier] + ([self.aux_head[-1]] if self.aux_head is not None else [])
         if self.aux_head is not None:
             init_weights(self.aux_head)
+        for conv in classifiers:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+            nn.init.zeros_(conv.bias)
 
     @property
     def head(self) -> nn.Module:
@@ -293,10 +304,15 @@ _PSP_CHANNELS = {18: 128, 101: 256}
 
 
 def _build(kind: str, depth: int, num_classes: int, deep_stem: bool, aux: bool,
-           backbone_weights: Optional[os.PathLike | str]) -> SegModel:
-    backbone = DilatedResNet(*_DEPTHS[depth], deep_stem=deep_stem)
+           backbone_weights: Optional[os.PathLike | str], width: int = 64,
+           head_channels: Optional[int] = None) -> SegModel:
+    backbone = DilatedResNet(*_DEPTHS[depth], deep_stem=deep_stem, width=width)
     top = backbone.stage_channels[-1]
-    decoder = DeepLabV3Decoder(top, 512) if kind == "deeplabv3" else PSPDecoder(top, _PSP_CHANNELS[depth])
+    if head_channels is None:
+        head_channels = 512 if kind == "deeplabv3" else _PSP_CHANNELS[depth]
+    if isinstance(head_channels, bool) or not isinstance(head_channels, int) or head_channels < 1:
+        raise ValueError(f"head_channels must be a positive int, got {head_channels!r}")
+    decoder = DeepLabV3Decoder(top, head_channels) if kind == "deeplabv3" else PSPDecoder(top, head_channels)
     model = SegModel(backbone, decoder, num_classes, aux=aux)
     if backbone_weights is not None:
         model.load_backbone(backbone_weights)
@@ -305,7 +321,8 @@ def _build(kind: str, depth: int, num_classes: int, deep_stem: bool, aux: bool,
 
 @register_model
 def deeplabv3_resnet18(num_classes: int = 19, deep_stem: bool = True, aux: bool = True,
-                       backbone_weights: Optional[os.PathLike | str] = None) -> SegModel:
+                       backbone_weights: Optional[os.PathLike | str] = None, width: int = 64,
+                       head_channels: Optional[int] = None) -> SegModel:
     """DeepLabV3 on a dilated ResNet-18 (head feature 512 channels).
 
     Args:
@@ -313,29 +330,39 @@ def deeplabv3_resnet18(num_classes: int = 19, deep_stem: bool = True, aux: bool 
         deep_stem: the 3x3x3 stem (CIRKD's ``resnet18_v1s``) rather than torchvision's.
         aux: the auxiliary FCN head on layer3.
         backbone_weights: an ImageNet classification checkpoint to load into the backbone.
+        width: the backbone's base width (:class:`DilatedResNet`; 64 for the ResNet, smaller for
+            the embedded segmentation task on a CPU).
+        head_channels: the head feature's channels (default 512; the ASPP branches have as many).
     """
-    return _build("deeplabv3", 18, num_classes, deep_stem, aux, backbone_weights)
+    return _build("deeplabv3", 18, num_classes, deep_stem, aux, backbone_weights, width, head_channels)
 
 
 @register_model
 def deeplabv3_resnet101(num_classes: int = 19, deep_stem: bool = True, aux: bool = True,
-                        backbone_weights: Optional[os.PathLike | str] = None) -> SegModel:
+                        backbone_weights: Optional[os.PathLike | str] = None, width: int = 64,
+                        head_channels: Optional[int] = None) -> SegModel:
     """DeepLabV3 on a dilated ResNet-101 (head feature 512 channels); arguments as
     :func:`deeplabv3_resnet18`."""
-    return _build("deeplabv3", 101, num_classes, deep_stem, aux, backbone_weights)
+    return _build("deeplabv3", 101, num_classes, deep_stem, aux, backbone_weights, width, head_channels)
 
 
 @register_model
 def pspnet_resnet18(num_classes: int = 19, deep_stem: bool = True, aux: bool = True,
-                    backbone_weights: Optional[os.PathLike | str] = None) -> SegModel:
+                    backbone_weights: Optional[os.PathLike | str] = None, width: int = 64,
+                    head_channels: Optional[int] = None) -> SegModel:
     """PSPNet on a dilated ResNet-18 (head feature 128 channels); arguments as
     :func:`deeplabv3_resnet18`."""
-    return _build("pspnet", 18, num_classes, deep_stem, aux, backbone_weights)
+    return _build("pspnet", 18, num_classes, deep_stem, aux, backbone_weights, width, head_channels)
 
 
 @register_model
 def pspnet_resnet101(num_classes: int = 19, deep_stem: bool = True, aux: bool = True,
-                     backbone_weights: Optional[os.PathLike | str] = None) -> SegModel:
+                     backbone_weights: Optional[os.PathLike | str] = None, width: int = 64,
+                     head_channels: Optional[int] = None) -> SegModel:
     """PSPNet on a dilated ResNet-101 (head feature 256 channels); arguments as
     :func:`deeplabv3_resnet18`."""
-    return _build("pspnet", 101, num_classes, deep_stem, aux, backbone_weights)
+    return _build("pspnet", 101, num_classes, deep_stem, aux, backbone_weights, width, head_channels)
+
+
+#: The registry names of the segmentation models (their ``forward`` returns a :class:`SegOutput`).
+SEGMENTATION_MODELS = ("deeplabv3_resnet18", "deeplabv3_resnet101", "pspnet_resnet18", "pspnet_resnet101")

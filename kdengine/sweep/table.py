@@ -1,6 +1,6 @@
 """The paper-style table of a sweep: one row per setting (every planned combination but the seed),
-every model's validation top-1 at the last epoch and at its best epoch as mean ± sample standard
-deviation over the seeds, ``n`` the finished runs in the mean.
+every model's validation top-1 (mIoU for segmentation runs) at the last epoch and at its best
+epoch as mean ± sample standard deviation over the seeds, ``n`` the finished runs in the mean.
 
 Only finished runs enter the means; failed, unfinished and missing runs are counted in each row's
 ``runs`` cell and listed by name under the table, so a mean over fewer seeds is never silent.
@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..engine.metrics import metric_tags, primary_metric
 from ..viz.bands import mean_std
 from .plan import load_plan
 from .status import read_records, run_state
 
 STATUSES = ("completed", "failed", "unfinished", "missing")
+#: How the tables name each primary metric (:data:`kdengine.engine.metrics.PRIMARY_METRICS`).
+METRIC_LABELS = {"top1": "top-1", "miou": "mIoU"}
 
 
 @dataclass
@@ -33,10 +36,11 @@ class RunResult:
     status: str
     epochs_done: int
     epochs: Optional[int]
-    last: dict  # tag -> top-1 of the last validation
-    best: dict  # tag -> best top-1 over the validations
+    last: dict  # tag -> top-1 (mIoU) of the last validation
+    best: dict  # tag -> best top-1 (mIoU) over the validations
     error: Optional[str]
     wall_s: Optional[float]
+    metric: str = "top1"  # the records' primary metric
 
 
 @dataclass
@@ -68,22 +72,26 @@ class SweepTable:
     tags: list
     rows: list
     runs: list
+    metric: str = "top1"  # the primary metric of the runs' records: top1 or miou
+
+    @property
+    def metric_label(self) -> str:
+        return METRIC_LABELS.get(self.metric, self.metric)
 
 
 def _result(sweep_dir: Path, run) -> RunResult:
     run_dir = sweep_dir / run.name
     state = run_state(run_dir)
     val = [r for r in read_records(run_dir) if r.get("split") == "val"]
+    metric = primary_metric(val[-1]) if val else "top1"
     last, best = {}, {}
     for r in val:
-        for key, value in r.items():
-            if key.endswith("/top1"):
-                tag = key[: -len("/top1")]
-                best[tag] = max(best.get(tag, -math.inf), value)
+        for tag in metric_tags(r, metric):
+            best[tag] = max(best.get(tag, -math.inf), r[f"{tag}/{metric}"])
     if val:
-        last = {k[: -len("/top1")]: v for k, v in val[-1].items() if k.endswith("/top1")}
+        last = {tag: val[-1][f"{tag}/{metric}"] for tag in metric_tags(val[-1], metric)}
     return RunResult(run.name, dict(run.values), state["status"], state["epochs_done"], state["epochs"], last, best,
-                     state["error"], state["wall_s"])
+                     state["error"], state["wall_s"], metric)
 
 
 def sweep_table(sweep_dir: os.PathLike | str, seed_key: Optional[str] = None) -> SweepTable:
@@ -116,7 +124,12 @@ def sweep_table(sweep_dir: os.PathLike | str, seed_key: Optional[str] = None) ->
         for tag in tags:
             row.stats[tag] = {which: mean_std([getattr(r, which)[tag] for r in done if tag in getattr(r, which)])
                               for which in ("last", "best")}
-    return SweepTable(sweep_dir, seed_key, settings, tags, list(rows.values()), results)
+    metrics = {r.metric for r in results if r.last}
+    if len(metrics) > 1:
+        raise ValueError(f"{sweep_dir}: its runs report different metrics {sorted(metrics)} (classification and "
+                         "segmentation runs in one sweep); their means would not be comparable")
+    return SweepTable(sweep_dir, seed_key, settings, tags, list(rows.values()), results,
+                      metrics.pop() if metrics else "top1")
 
 
 def _pm(mean: float, std: float) -> str:
@@ -129,7 +142,7 @@ def header(table: SweepTable) -> list[str]:
     cols = list(table.settings) or ["setting"]
     cols.append("n")
     for tag in table.tags:
-        cols += [f"{tag} top-1 (last)", f"{tag} top-1 (best)"]
+        cols += [f"{tag} {table.metric_label} (last)", f"{tag} {table.metric_label} (best)"]
     return cols + ["runs"]
 
 
@@ -160,8 +173,8 @@ def not_averaged(table: SweepTable) -> list[str]:
 
 def to_markdown(table: SweepTable) -> str:
     cols = header(table)
-    lines = [f"Validation top-1 (%) over `{table.seed_key}`: mean ± sample standard deviation of the finished "
-             "runs (n), at the last epoch and at each run's best epoch.", "",
+    lines = [f"Validation {table.metric_label} (%) over `{table.seed_key}`: mean ± sample standard deviation of "
+             "the finished runs (n), at the last epoch and at each run's best epoch.", "",
              "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells(table)]
     missing = not_averaged(table)
@@ -174,8 +187,9 @@ def to_csv(table: SweepTable) -> str:
     """One line per (row, model): the settings, n, the means and standard deviations, the counts."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow([*table.settings, "model", "n", "top1_last_mean", "top1_last_std", "top1_best_mean",
-                     "top1_best_std", "planned", *STATUSES])
+    m = table.metric
+    writer.writerow([*table.settings, "model", "n", f"{m}_last_mean", f"{m}_last_std", f"{m}_best_mean",
+                     f"{m}_best_std", "planned", *STATUSES])
     for row in table.rows:
         counts = row.counts()
         for tag in table.tags:
@@ -186,12 +200,13 @@ def to_csv(table: SweepTable) -> str:
 
 
 def runs_csv(table: SweepTable) -> str:
-    """One line per planned run: its values, status, epochs, every model's last and best top-1."""
+    """One line per planned run: its values, status, epochs, every model's last and best top-1 (mIoU)."""
     keys = list(table.settings) + ([table.seed_key] if any(table.seed_key in r.values for r in table.runs) else [])
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["run", *keys, "status", "epochs_done", "epochs",
-                     *(f"{t}_top1" for t in table.tags), *(f"{t}_best_top1" for t in table.tags), "wall_s", "error"])
+                     *(f"{t}_{table.metric}" for t in table.tags), *(f"{t}_best_{table.metric}" for t in table.tags),
+                     "wall_s", "error"])
     for r in table.runs:
         writer.writerow([r.name, *(r.values.get(k, "") for k in keys), r.status, r.epochs_done, r.epochs or "",
                          *(_num(r.last.get(t)) for t in table.tags), *(_num(r.best.get(t)) for t in table.tags),

@@ -24,10 +24,12 @@ import torch.nn.functional as F
 
 from ..data import CLASSES
 from ..engine.checkpoint import epoch_checkpoints
+from ..engine.config import num_classes_of
 from .calibration import ECE_BINS, calibration_bins, plot_reliability, reliability
 from .maps import compute_maps, plot_maps
 from .regions import CAM_THRESHOLD, cam_region, iou, mean_iou, similarity_regions
 from .runs import load_checkpoint, validation_data
+from .segmaps import compute_segmentation_maps, object_iou_scores, plot_segmentation_maps
 
 #: What `kdengine viz` draws, in order.
 KINDS = ("curves", "maps", "iou", "calibration")
@@ -80,12 +82,13 @@ def plot_iou(result: dict, path: os.PathLike | str, title: str = "") -> Path:
     rows = result["epochs"]
     xs = [r["epoch"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
-    keys = [k for k in rows[0] if "/" in k and not k.startswith("top1/")] if rows else []
-    styles = {"cam": "-", "similar": "--", "discrepant": ":"}
+    keys = [k for k in rows[0] if "/" in k and k.split("/", 1)[0] in ("cam", "foreground", "similar", "discrepant")
+            ] if rows else []
+    styles = {"cam": "-", "foreground": "-", "similar": "--", "discrepant": ":"}
     for key in keys:
         kind, who = key.split("/", 1)
-        label = {"cam": f"CAM of {who}", "similar": f"similar region {who}",
-                 "discrepant": f"discrepant region {who}"}[kind]
+        label = {"cam": f"CAM of {who}", "foreground": f"predicted foreground of {who}",
+                 "similar": f"similar region {who}", "discrepant": f"discrepant region {who}"}[kind]
         ax.plot(xs, [r[key] for r in rows], styles[kind], marker="o", ms=4, label=label)
     if rows:
         ax.plot(xs, [r["whole image"] for r in rows], color="gray", lw=1, marker="s", ms=3,
@@ -205,6 +208,8 @@ def analyze_run(run_dir: os.PathLike | str, kinds: Optional[Iterable[str]] = Non
     out["checkpoint"] = {"epoch": loaded.epoch, "kdengine_version": loaded.kdengine_version,
                          "device": str(loaded.precision.device)}
     title = f"{run_dir.name} ({loaded.cfg.method.name}, after epoch {loaded.epoch})"
+    if loaded.cfg.data.task == "segmentation":
+        return _analyze_segmentation(run_dir, loaded, kinds, device, images, iou_images, title, out, say)
     names = class_names(loaded.cfg)
     if "maps" in kinds:
         start = time.perf_counter()
@@ -242,3 +247,66 @@ def analyze_run(run_dir: os.PathLike | str, kinds: Optional[Iterable[str]] = Non
             plot_reliability(diagrams, run_dir / "calibration.png", title=title)]
         out["seconds"]["calibration"] = time.perf_counter() - start
     return out
+
+
+def _analyze_segmentation(run_dir: Path, loaded, kinds, device: str, images: int, iou_images: int, title: str,
+                          out: dict, say) -> dict:
+    """:func:`analyze_run`'s maps and IoU of a segmentation run (:mod:`~.segmaps`); no calibration
+    (per-pixel reliability is not drawn)."""
+    background = 0 if loaded.cfg.data.dataset == "embedded" else None  # Cityscapes has no background class
+    num_classes = num_classes_of(loaded.cfg)
+    if "maps" in kinds:
+        start = time.perf_counter()
+        say("maps ...")
+        data = validation_data(loaded.cfg, loaded.precision, limit=images)
+        maps = compute_segmentation_maps(loaded, data, keep_pixels=images, background=background)
+        out["notes"] += maps.notes
+        out["mappings"] = {p.name: p.mapping for p in maps.pairs}
+        out["files"]["maps"] = [plot_segmentation_maps(maps, run_dir / "maps.png", num_classes, images, title)]
+        out["seconds"]["maps"] = time.perf_counter() - start
+    if "iou" in kinds:
+        start = time.perf_counter()
+        say("object IoU ...")
+        result = segmentation_iou_over_epochs(run_dir, device, iou_images, background)
+        out["iou"] = result
+        files = [_write_json(result, run_dir / "iou.json")]
+        if result["epochs"]:
+            files.append(plot_iou(result, run_dir / "iou.png", title=f"{run_dir.name}: IoU with the object "
+                                                                     f"({result['images']} validation images)"))
+        else:
+            out["notes"].append(result.get("note", "no IoU"))
+        out["files"]["iou"] = files
+        out["seconds"]["iou"] = time.perf_counter() - start
+    if "calibration" in kinds:
+        out["notes"].append("calibration: drawn for classification runs only")
+    return out
+
+
+def segmentation_iou_over_epochs(run_dir: os.PathLike | str, device: str = "auto", images: int = 500,
+                                 background: Optional[int] = 0) -> dict:
+    """:func:`~.segmaps.object_iou_scores` for each kept checkpoint of a segmentation run (or the
+    last one): the ADM paper's Fig. 2 question for dense prediction.
+
+    Returns:
+        As :func:`iou_over_epochs`; ``epochs`` is empty without a background class.
+    """
+    run_dir = Path(run_dir)
+    kept = epoch_checkpoints(run_dir)
+    paths = [p for _, p in kept] or [run_dir / "checkpoint.pt"]
+    result = {"images": images, "checkpoints": "per epoch" if kept else "last only", "epochs": [],
+              "thresholds": {"similar": "S >= its per-image mean (A_co >= 1)",
+                             "discrepant": "S < its per-image mean (A_di > 1)",
+                             "foreground": "pixels predicted as any class but the background"}}
+    if background is None:
+        result["note"] = "the data has no background class: no object IoU"
+        return result
+    data = None
+    for path in paths:
+        loaded = load_checkpoint(path, device)
+        if data is None:
+            data = validation_data(loaded.cfg, loaded.precision, limit=images)
+        maps = compute_segmentation_maps(loaded, data, keep_pixels=0, background=background)
+        result["mappings"] = {p.name: p.mapping for p in maps.pairs}
+        result["images"] = int(maps.labels.shape[0])
+        result["epochs"].append({"epoch": loaded.epoch, **object_iou_scores(maps, background)})
+    return result

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 from omegaconf import OmegaConf
 
 from ..engine.config import config_differences
+from ..engine.metrics import metric_tags, primary_metric
 from .runs import read_records, run_config
 
 #: Settings that name or place a run, never part of what it computes.
@@ -83,11 +84,12 @@ def plot_runs(run_dirs: Sequence[os.PathLike | str], path: os.PathLike | str, se
         configs[str(run)] = OmegaConf.to_container(cfg) if cfg is not None else {}
         records[str(run)] = read_records(run)
     groups = group_runs(configs, seed_key)
-    tags = []
+    tags, metric = [], "top1"
     for recs in records.values():
         for r in recs:
             if r.get("split") == "val":
-                tags += [k[: -len("/top1")] for k in r if k.endswith("/top1") and k[: -len("/top1")] not in tags]
+                metric = primary_metric(r)
+                tags += [t for t in metric_tags(r, metric) if t not in tags]
     tags = sorted(tags, key=lambda t: (t == "ensemble", tags.index(t)))
     fig, axes = plt.subplots(2, max(len(tags), 1), figsize=(4 * max(len(tags), 1), 6.5), squeeze=False,
                              constrained_layout=True, sharex=True)
@@ -95,8 +97,8 @@ def plot_runs(run_dirs: Sequence[os.PathLike | str], path: os.PathLike | str, se
     for g, (label, names) in enumerate(groups.items()):
         colour = colours[g % len(colours)]
         for col, tag in enumerate(tags):
-            for row, metric in enumerate(("top1", "loss")):
-                series = [_val_series(records[n], f"{tag}/{metric}") for n in names]
+            for row, key in enumerate((metric, "loss")):
+                series = [_val_series(records[n], f"{tag}/{key}") for n in names]
                 epochs = sorted({e for s in series for e in s})
                 stats = [mean_std([s[e] for s in series if e in s]) for e in epochs]
                 means = [m for m, _ in stats]
@@ -111,7 +113,7 @@ def plot_runs(run_dirs: Sequence[os.PathLike | str], path: os.PathLike | str, se
 
     for col, tag in enumerate(tags):
         axes[1, col].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
-        axes[0, col].set(title=tag, ylabel="val top-1 (%)" if col == 0 else "")
+        axes[0, col].set(title=tag, ylabel=f"val {'mIoU' if metric == 'miou' else 'top-1'} (%)" if col == 0 else "")
         axes[1, col].set(xlabel="epoch", ylabel="val loss (CE)" if col == 0 else "")
         for row in range(2):
             axes[row, col].grid(alpha=0.3)

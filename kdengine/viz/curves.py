@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from ..engine.metrics import metric_tags, primary_metric
 from .figures import pyplot, save
 
 
@@ -21,18 +22,18 @@ def _series(records: list[dict], split: str, suffix: str) -> dict[str, tuple[lis
     return out
 
 
-def _models(records: list[dict]) -> list[str]:
+def _models(records: list[dict], metric: str) -> list[str]:
     """The models' tags in the order the records name them, the ensemble last."""
     names: list[str] = []
     for r in records:
         if r.get("split") == "val":
-            names += [k[: -len("/top1")] for k in r if k.endswith("/top1") and k[: -len("/top1")] not in names]
+            names += [t for t in metric_tags(r, metric) if t not in names]
     return [n for n in names if n != "ensemble"] + (["ensemble"] if "ensemble" in names else [])
 
 
 def plot_curves(records: list[dict], path: os.PathLike | str, title: str = "") -> Path:
     """Three panels against the (1-based) epochs: every model's and the ensemble's validation
-    top-1, their validation cross-entropy, and the training loss (the method's total, on its own
+    top-1 (mIoU for segmentation), their validation cross-entropy, and the training loss (the method's total, on its own
     axis: its scale is not a cross-entropy's). A model has one colour in every panel, and every
     point a marker, so a run of one epoch shows its values.
 
@@ -47,7 +48,9 @@ def plot_curves(records: list[dict], path: os.PathLike | str, title: str = "") -
     from matplotlib.ticker import FixedLocator, MaxNLocator
 
     plt = pyplot()
-    names = _models(records)
+    val = [r for r in records if r.get("split") == "val"]
+    metric = primary_metric(val[-1]) if val else "top1"  # top-1, or mIoU for segmentation
+    names = _models(records, metric)
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
     style = {name: dict(color=colour[name], marker="o", ms=4, linestyle="--" if name == "ensemble" else "-")
@@ -58,7 +61,9 @@ def plot_curves(records: list[dict], path: os.PathLike | str, title: str = "") -
     spread = {name: 0.2 * (i - (len(names) - 1) / 2) for i, name in enumerate(names)} if epochs == 1 else {}
 
     fig, (acc_ax, ce_ax, loss_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    for ax, suffix, label, heading in ((acc_ax, "/top1", "top-1 (%)", "validation accuracy"),
+    accuracy = ("/top1", "top-1 (%)", "validation accuracy") if metric == "top1" else \
+        ("/miou", "mIoU (%)", "validation mIoU")
+    for ax, suffix, label, heading in ((acc_ax, *accuracy),
                                        (ce_ax, "/loss", "cross-entropy", "validation cross-entropy")):
         series = _series(records, "val", suffix)
         for name in names:

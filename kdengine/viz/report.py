@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..engine.metrics import metric_tags, primary_metric
 from ..engine.setup import model_tags
 from .analysis import analyze_run
 from .bands import plot_runs
@@ -63,9 +64,15 @@ def _final_table(run_dir: Path, records: list[dict], calibration: Optional[dict]
     archs = dict(zip(model_tags(cfg), (m.name for m in cfg.models))) if cfg is not None else {}
     archs["ensemble"] = "mean of the probabilities"
     last = val[-1]
-    tags = [k[: -len("/top1")] for k in last if k.endswith("/top1")]
+    if primary_metric(last) == "miou":  # a segmentation run
+        rows = [[tag, archs.get(tag, ""), _num(last.get(f"{tag}/miou")), _num(last.get(f"{tag}/pixel_accuracy")),
+                 _num(max(r.get(f"{tag}/miou", -math.inf) for r in val)), _num(last.get(f"{tag}/loss"), 3)]
+                for tag in metric_tags(last, "miou")]
+        return (f'<p>After epoch {last["epoch"] + 1} ({len(val)} validations).</p>'
+                + _table(["model", "architecture", "mIoU (last)", "pixel accuracy (last)", "mIoU (best)",
+                          "val loss (last)"], rows, "final"))
     rows = []
-    for tag in tags:
+    for tag in metric_tags(last, "top1"):
         arch = archs.get(tag, "")
         best = max(r.get(f"{tag}/top1", -math.inf) for r in val)
         ece = (calibration or {}).get(tag, {}).get("ece")

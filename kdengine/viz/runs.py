@@ -21,9 +21,11 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import DeviceLoader, EmbeddedSpec, beton_info, generate, make_loader
+from ..data.segmentation import make_segmentation_loader
 from ..engine import checkpoint as ckpt
 from ..engine.config import ExperimentConfig, num_classes_of, validate
-from ..engine.setup import Precision, build_models, model_tags, resolve_device
+from ..engine.datasets import embedded_segmentation, embedded_spec
+from ..engine.setup import Precision, build_models, model_tags, resolve_device, run_method_options
 from ..methods import build_method
 
 
@@ -99,8 +101,8 @@ def load_checkpoint(path: os.PathLike | str, device: str = "auto") -> LoadedChec
     adm = None
     if "method" in state:
         method = build_method(cfg.method.name, list(models), roles=roles, num_classes=num_classes_of(cfg),
-                              num_samples=_num_samples(state["method"]),
-                              **OmegaConf.to_container(cfg.method.options))
+                              num_samples=_num_samples(state["method"]), task=cfg.data.task,
+                              **run_method_options(cfg))
         method.load_state_dict(state["method"])
         adm = method.adm.to(precision.device).eval() if method.adm is not None else None
     return LoadedCheckpoint(Path(path), cfg, precision, models, model_tags(cfg), [m.name for m in cfg.models], roles,
@@ -163,6 +165,8 @@ def validation_data(cfg: DictConfig, precision: Precision, limit: Optional[int] 
         The :class:`ValidationData`.
     """
     d = cfg.data
+    if d.task == "segmentation":
+        return _segmentation_validation_data(cfg, precision, limit, batch_size)
     options = dict(pipeline=f"{d.pipeline}_val", batch_size=batch_size, order="sequential", device=precision.device,
                    dtype=precision.input_dtype, channels_last=precision.channels_last, resolution=d.resolution,
                    mean=list(d.mean) if d.mean is not None else None,
@@ -182,3 +186,23 @@ def validation_data(cfg: DictConfig, precision: Precision, limit: Optional[int] 
         loader = make_loader(d.val_path, fields=fields, num_workers=d.num_workers, os_cache=d.os_cache,
                              device_resident=d.device_resident, **options)
     return ValidationData(loader, has_masks, limit, tuple(loader.config.mean), tuple(loader.config.std))
+
+
+def _segmentation_validation_data(cfg: DictConfig, precision: Precision, limit: Optional[int],
+                                  batch_size: int) -> ValidationData:
+    """A segmentation run's validation images with their label maps (as the labels; no masks):
+    the embedded set's (the first ``limit``), or the run's validation .beton."""
+    d = cfg.data
+    options = dict(pipeline="seg_val", batch_size=batch_size, device=precision.device, dtype=precision.input_dtype,
+                   channels_last=precision.channels_last, ignore_index=d.ignore_index,
+                   mean=list(d.mean) if d.mean is not None else None,
+                   std=list(d.std) if d.std is not None else None)
+    if d.dataset == "embedded":
+        images, maps = embedded_segmentation(embedded_spec(cfg), "val")
+        if limit is not None:
+            images, maps = images[:limit], maps[:limit]
+        loader = make_segmentation_loader((images, maps), **options)
+    else:
+        loader = make_segmentation_loader(d.val_path, num_workers=d.num_workers, device_resident=d.device_resident,
+                                          **options)
+    return ValidationData(loader, False, limit, tuple(loader.config.mean), tuple(loader.config.std))

@@ -52,3 +52,21 @@ def test_the_defaults_keep_the_warmup_from_zero_exactly():
         if s < 5:
             value *= (s + 1) / 5
         assert f(s) == value  # bit for bit the formula before warmup_lr and min_lr existed
+
+
+def test_per_epoch_is_timms_t_in_epochs_cosine_with_warmup():
+    """timm's CosineLRScheduler(t_initial=epochs, lr_min, warmup_t, warmup_lr_init,
+    warmup_prefix=False), stepped once per epoch, written out: the PAT / OFA recipes."""
+    from kdengine.engine.config import load_config
+
+    cfg = load_config(overrides=["optim.lr=0.05", "optim.min_lr=0.001", "optim.warmup_epochs=3",
+                                 "optim.warmup_lr=0.0001", "optim.per_epoch=true"])
+    epochs, spe = 10, 7
+    factor = lr_lambda(cfg.optim, spe, epochs)
+    for epoch in range(epochs):
+        if epoch < 3:
+            expected = 0.0001 + epoch * (0.05 - 0.0001) / 3
+        else:
+            expected = 0.001 + 0.5 * (0.05 - 0.001) * (1 + math.cos(math.pi * epoch / epochs))
+        for step in range(epoch * spe, (epoch + 1) * spe):  # constant within the epoch
+            assert 0.05 * factor(step) == pytest.approx(expected, rel=1e-12), (epoch, step)

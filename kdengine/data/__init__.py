@@ -3,6 +3,7 @@ loaders (FFCV-backed or device-resident) that read them; Cityscapes and the segm
 from ._loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INTERPOLATIONS,
     LOADER_PIPELINES,
     ORDERS,
     RRC_RATIO,
@@ -48,7 +49,8 @@ from .segmentation import (
 __all__ = ["CITYSCAPES_CLASSES", "IGNORE_INDEX", "LABEL_ID_TO_TRAIN_ID", "SEG_PIPELINES", "SegmentationConfig",
            "SegmentationLoader", "make_segmentation_loader", "scan_cityscapes", "seg_train_transform", "to_train_ids",
            "write_cityscapes",
-           "BETON_VERSION", "CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "LOADER_PIPELINES", "ORDERS", "RRC_RATIO",
+           "BETON_VERSION", "CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "LOADER_PIPELINES", "ORDERS",
+           "RRC_RATIO",
            "RRC_SCALE", "VERSION", "WRITE_MODES", "BetonInfo", "DeviceLoader", "EmbeddedSpec", "FFCVLoader",
            "KDLoader", "LoaderConfig", "OutputExistsError", "UnreadableImageError", "atomic_beton", "beton_info",
            "cache_dir", "embedded_beton", "epoch_order", "generate", "make_loader", "read_cifar", "resident_budget",

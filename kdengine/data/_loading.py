@@ -1,7 +1,7 @@
 """What the FFCV-backed loader (:mod:`.loaders`) and the device-resident loader
 (:mod:`.device_loader`) share: the options and their checks, the epoch order and its sharding
-across ranks, the seeds of the device loader's random draws, normalisation on the device and a
-look at a ``.beton``'s header.
+across ranks, the seeds of the per-batch random draws (:func:`batch_generator`), normalisation on
+the device, the validation crop box and a look at a ``.beton``'s header.
 
 Order and sharding are the same function for both loaders, so a seed gives the same epoch order
 whichever loader ``make_loader`` picks (except ``quasi_random``, which only exists for FFCV).
@@ -25,8 +25,12 @@ PADDING_MODES = ("fill", "reflect")
 #: ImageNet statistics in 0..255 units, the default ``mean`` / ``std``.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-#: Validation centre crop: the crop's side over the image's short side (resize 256, crop 224).
+#: Validation centre crop: the crop's side over the image's short side (resize 256, crop 224);
+#: ``val_crop_pct=None`` means this.
 VAL_CROP_RATIO = 224 / 256
+#: ``imagenet_train``'s resampling of its RandomResizedCrop (``interpolation=``): "random" picks
+#: one of the other two per image, as timm's RandomResizedCropAndInterpolation(interpolation="random").
+INTERPOLATIONS = ("bilinear", "bicubic", "random")
 #: RandomResizedCrop's area and aspect-ratio ranges (torchvision's and FFCV's defaults).
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
@@ -64,10 +68,11 @@ class LoaderConfig:
     rank: Optional[int] = None
     world_size: Optional[int] = None
     batches_ahead: int = 3
-    # Device-resident loader only (the FFCV loader has none of them):
-    resize: Optional[int] = None  # cifar_*: resize to resize x resize after the crop and flip
+    resize: Optional[int] = None  # cifar_*: resize to resize x resize after the crop and flip (device loader only)
     randaugment: Optional[str] = None  # *_train: timm's RandAugment, e.g. "rand-m9-mstd0.5-inc1"
     random_erasing: float = 0.0  # *_train: timm's RandomErasing probability (pixel mode)
+    val_crop_pct: Optional[float] = None  # imagenet_val: crop side / short side (timm's crop_pct; None: 0.875)
+    interpolation: str = "bilinear"  # imagenet_train: the crop's resampling (bicubic/random: device loader only)
 
     def __post_init__(self):
         if self.pipeline not in LOADER_PIPELINES:
@@ -134,6 +139,17 @@ class LoaderConfig:
             raise ValueError(f"randaugment and random_erasing are training augmentations, not for {self.pipeline!r}")
         if "mask" in self.fields and self.randaugment is not None:
             raise ValueError("fields: 'mask' with randaugment is not supported (its geometric ops do not move masks)")
+        if self.val_crop_pct is not None:
+            pct = self.val_crop_pct
+            if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct <= 1:
+                raise ValueError(f"val_crop_pct must be a number in (0, 1] (e.g. 0.875 or 0.9) or None, got {pct!r}")
+            if self.pipeline != "imagenet_val":
+                raise ValueError(f"val_crop_pct={pct!r} is for the 'imagenet_val' pipeline, not {self.pipeline!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.interpolation != "bilinear" and self.pipeline != "imagenet_train":
+            raise ValueError(f"interpolation={self.interpolation!r} is for the 'imagenet_train' pipeline (its "
+                             f"RandomResizedCrop), not {self.pipeline!r}")
 
     @property
     def is_val(self) -> bool:
@@ -142,6 +158,16 @@ class LoaderConfig:
     @property
     def is_imagenet(self) -> bool:
         return self.pipeline.startswith("imagenet")
+
+    @property
+    def crop_ratio(self) -> float:
+        """``imagenet_val``'s crop side over the short side: ``val_crop_pct``, or :data:`VAL_CROP_RATIO`."""
+        return VAL_CROP_RATIO if self.val_crop_pct is None else float(self.val_crop_pct)
+
+    @property
+    def augments(self) -> bool:
+        """Whether training batches get RandAugment or random erasing after the crop and flip."""
+        return self.randaugment is not None or bool(self.random_erasing)
 
     def resolution_at(self, epoch: int) -> int:
         """The output side of ``imagenet_*`` batches in ``epoch``."""
@@ -205,6 +231,24 @@ def seed_for(seed: int, *words: int) -> int:
 
 #: Stream tags of :func:`seed_for`: the epoch order and the per-batch draws never share a seed.
 PERMUTATION_STREAM, AUGMENT_STREAM = 1, 2
+
+
+def batch_generator(config: LoaderConfig, epoch: int, batch: int) -> torch.Generator:
+    """The CPU generator of one batch's random draws, a function of ``(seed, epoch, rank,
+    world_size, batch index)`` alone: both loaders seed their per-batch augmentations from it, so
+    a run resumed at ``(epoch, batch)`` draws what an uninterrupted one draws.
+
+    Args:
+        config: the loader's options (its ``seed``, ``rank`` and ``world_size``).
+        epoch: the epoch.
+        batch: the batch's index in the epoch on this rank (counted from the epoch's start, also
+            when a resumed epoch skips its first batches).
+
+    Returns:
+        A freshly seeded ``torch.Generator`` on the CPU.
+    """
+    return torch.Generator().manual_seed(seed_for(config.seed, AUGMENT_STREAM, epoch, config.rank,
+                                                  config.world_size, batch))
 
 
 def epoch_order(n: int, order: str, seed: int, epoch: int) -> np.ndarray:
@@ -365,8 +409,22 @@ class Normalizer:
 
 
 def center_crop_box(height: int, width: int, ratio: float = VAL_CROP_RATIO) -> tuple[int, int, int]:
-    """``(top, left, side)`` of the validation crop; FFCV's CenterCropRGBImageDecoder's rule."""
+    """``(top, left, side)`` of the validation crop; FFCV's CenterCropRGBImageDecoder's rule.
+
+    Args:
+        height, width: the image's size.
+        ratio: the crop's side over the short side (``val_crop_pct``).
+
+    Returns:
+        ``side = int(ratio * min(height, width))`` and the centred box's corner.
+
+    Raises:
+        ValueError: the crop would be empty.
+    """
     side = int(ratio * min(height, width))
+    if side < 1:
+        raise ValueError(f"val_crop_pct={ratio}: the centre crop of a {height}x{width} image is empty "
+                         f"(int({ratio} * {min(height, width)}) = 0)")
     return (height - side) // 2, (width - side) // 2, side
 
 

@@ -1,6 +1,7 @@
-"""Batched augmentations on the device: timm's RandAugment and RandomErasing for the
-device-resident loader (:class:`~.device_loader.DeviceLoader`), and mixup / cutmix with label
-smoothing for the training step (:class:`BatchMix`).
+"""Batched augmentations on the device: timm's RandAugment and RandomErasing for both loaders
+(:class:`BatchAugment`, which the device-resident :class:`~.device_loader.DeviceLoader` and the
+FFCV-backed :class:`~.loaders.FFCVLoader` apply after their crop and flip), and mixup / cutmix
+with label smoothing for the training step (:class:`BatchMix`).
 
 Each follows timm's definition (``timm.data.auto_augment``, ``random_erasing``, ``mixup``) but
 runs on a whole batch at once. RandAugment's and RandomErasing's draws (which op, which box) come
@@ -25,10 +26,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._loading import seed_for
+from ._loading import LoaderConfig, Normalizer, seed_for
 
-__all__ = ["MIX_STREAM", "RAND_AUGMENT_OPS", "BatchMix", "RandAugment", "RandAugmentSpec", "RandomErasing",
-           "parse_rand_augment"]
+__all__ = ["MIX_STREAM", "RAND_AUGMENT_OPS", "BatchAugment", "BatchMix", "RandAugment", "RandAugmentSpec",
+           "RandomErasing", "parse_rand_augment"]
 
 #: timm's ``_RAND_TRANSFORMS``; with ``inc1`` the five marked ops take their "Increasing"
 #: variant, whose severity grows with the magnitude (``_RAND_INCREASING_TRANSFORMS``).
@@ -397,6 +398,47 @@ class RandomErasing:
         noise_gen = torch.Generator(device=x.device).manual_seed(noise_seed)
         noise = torch.randn(x.shape, generator=noise_gen, device=x.device, dtype=torch.float32)
         return torch.where(inside, noise.to(x.dtype), x)
+
+
+# ---------------------------------------------------------------------------------- both loaders
+
+
+class BatchAugment:
+    """What follows a training batch's crop and flip in both loaders, in timm's order:
+    RandAugment (on the uint8 values), normalisation, random erasing; each as configured.
+
+    Args:
+        config: the loader's options (``randaugment``, ``random_erasing``, ``mean`` as
+            RandAugment's fill colour).
+        normalize: the loader's :class:`~._loading.Normalizer`.
+    """
+
+    def __init__(self, config: LoaderConfig, normalize: Normalizer):
+        self.normalize = normalize
+        self.rand_augment = RandAugment(config.randaugment, fill=config.mean) if config.randaugment else None
+        self.erasing = RandomErasing(config.random_erasing) if config.random_erasing else None
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Augment and normalise a batch.
+
+        Args:
+            x: float ``[B, 3, H, W]`` in 0..255 (any device).
+            g: the batch's CPU generator (:func:`~._loading.batch_generator`): RandAugment's draws,
+                then the erasing boxes, from it.
+
+        Returns:
+            The normalised batch in the loader's dtype and memory format.
+        """
+        if self.rand_augment is not None:
+            x = self.rand_augment(x, g)
+        x = self.normalize.nchw_float(x)
+        if self.erasing is not None:
+            x = self.erasing(x, g)
+        return x
+
+    def nhwc(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The same from uint8 ``[B, H, W, 3]`` crops (as a decoder yields them)."""
+        return self(images.permute(0, 3, 1, 2).float(), g)
 
 
 # ---------------------------------------------------------------------------------- mixup / cutmix

@@ -9,18 +9,22 @@ seeded from them (so the CPU and CUDA give the same batches too). A run resumed 
 ``set_epoch(epoch, start_batch)`` therefore sees exactly the batches an uninterrupted one sees.
 
 Pipelines as for FFCV, with two differences: ``imagenet_train``'s RandomResizedCrop resamples
-with ``grid_sample`` (bilinear, no antialiasing when it shrinks) and ``imagenet_val`` resizes with
-antialiased bilinear interpolation (FFCV uses OpenCV's area resampling); ``cifar_train`` also has
-``padding_mode="reflect"``. Masks follow every crop and flip (nearest sampling: they stay {0, 1}).
+with ``grid_sample`` (bilinear, no antialiasing when it shrinks; ``interpolation="bicubic"``:
+bicubic, clamped to 0..255; ``"random"``: one of the two per image, as timm's
+RandomResizedCropAndInterpolation) and ``imagenet_val`` resizes its centre crop (``val_crop_pct``
+of the short side) with antialiased bilinear interpolation (FFCV uses OpenCV's area resampling);
+``cifar_train`` also has ``padding_mode="reflect"``. Masks follow every crop and flip (nearest
+sampling: they stay {0, 1}).
 
-Options only this loader has (see :class:`~._loading.LoaderConfig`), applied in timm's order
-after the crop and flip: ``resize`` (``cifar_*``: bilinear to ``resize x resize``, e.g. CIFAR's
-32 px to 224 as the PAT/OFA recipes train; masks follow, nearest), ``randaugment`` (timm's
-RandAugment, :class:`~.augment.RandAugment`), normalisation, then ``random_erasing`` (timm's
-RandomErasing, pixel mode, :class:`~.augment.RandomErasing`). Their draws come from the batch's
-generator after the crop and flip draws, so adding them leaves the crops and flips as they were;
-the erasing noise comes from a generator on the device seeded from it (the same batches on the
-same kind of device).
+Options only this loader has (see :class:`~._loading.LoaderConfig`): ``resize`` (``cifar_*``:
+bilinear to ``resize x resize`` after the crop and flip, e.g. CIFAR's 32 px to 224 as the PAT/OFA
+recipes train; masks follow, nearest), ``interpolation`` other than bilinear. Then, as in the FFCV
+loader (:class:`~.augment.BatchAugment`, timm's order): ``randaugment`` (timm's RandAugment,
+:class:`~.augment.RandAugment`), normalisation, ``random_erasing`` (timm's RandomErasing, pixel
+mode, :class:`~.augment.RandomErasing`). Their draws, and the per-image interpolation of
+``"random"``, come from the batch's generator after the crop and flip draws, so adding them leaves
+the crops and flips as they were; the erasing noise comes from a generator on the device seeded
+from it (the same batches on the same kind of device).
 """
 from __future__ import annotations
 
@@ -32,21 +36,20 @@ import torch
 import torch.nn.functional as F
 
 from ._loading import (
-    AUGMENT_STREAM,
     RRC_RATIO,
     RRC_SCALE,
     BetonInfo,
     KDLoader,
     LoaderConfig,
     Normalizer,
+    batch_generator,
     center_crop_box,
     epoch_batches,
     epoch_order,
     resize_masks,
-    seed_for,
     shard,
 )
-from .augment import RandAugment, RandomErasing
+from .augment import BatchAugment
 
 __all__ = ["DeviceLoader"]
 
@@ -83,8 +86,9 @@ class DeviceLoader(KDLoader):
         self._shard_size = len(shard(np.arange(self.dataset_size), config.rank, config.world_size,
                                      config.drop_last))
         self._normalize = Normalizer(config)
-        self._rand_augment = RandAugment(config.randaugment, fill=config.mean) if config.randaugment else None
-        self._erasing = RandomErasing(config.random_erasing) if config.random_erasing else None
+        self._augment = BatchAugment(config, self._normalize)
+        # checked here: an empty crop fails at construction, not in the first batch
+        self._val_box = center_crop_box(h, w, config.crop_ratio) if config.pipeline == "imagenet_val" else None
         self._init_epochs()
 
     # ------------------------------------------------------------------ constructors
@@ -164,8 +168,7 @@ class DeviceLoader(KDLoader):
         res = c.resolution_at(epoch) if c.is_imagenet else None
         for b in range(start, len(self)):
             sel = rows[b * c.batch_size:(b + 1) * c.batch_size]
-            g = torch.Generator().manual_seed(seed_for(c.seed, AUGMENT_STREAM, epoch, c.rank, c.world_size, b))
-            yield self._batch(sel, g, res)
+            yield self._batch(sel, batch_generator(c, epoch, b), res)
 
     def _batch(self, sel: torch.Tensor, g: torch.Generator, res: Optional[int]) -> tuple:
         c = self.config
@@ -180,10 +183,9 @@ class DeviceLoader(KDLoader):
             images, masks = self._translate_flip(sel, g, want_img, want_mask)
         elif c.pipeline == "imagenet_train":
             images, masks = self._random_resized_crop(sel, g, res, want_img, want_mask)
-            images = self._finish(images, g) if want_img else None
+            images = self._augment(images, g) if want_img else None
         else:
-            h, w = self._image_size
-            box = center_crop_box(h, w)
+            box = self._val_box
             if want_img:
                 top, left, side = box
                 x = self.images[sel, top:top + side, left:left + side].permute(0, 3, 1, 2).float()
@@ -203,24 +205,14 @@ class DeviceLoader(KDLoader):
     def _finish_cifar(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """uint8 ``[B, H, W, 3]`` crops -> the normalised batch, resized and augmented as asked."""
         c = self.config
-        if not (c.resize or self._rand_augment or self._erasing):
+        if not (c.resize or c.augments):
             return self._normalize.nhwc(images)  # the plain path: one conversion pass
         x = images.permute(0, 3, 1, 2).float()
         if c.resize and x.shape[2:] != (c.resize, c.resize):
             shrink = c.resize < min(x.shape[2:])
             x = F.interpolate(x, size=(c.resize, c.resize), mode="bilinear", align_corners=False, antialias=shrink)
             x = x.clamp_(0, 255)
-        return self._finish(x, g)
-
-    def _finish(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Float ``[B, 3, H, W]`` in 0..255 -> RandAugment, normalisation, random erasing (as
-        configured; timm's order), with draws from the batch's generator ``g``."""
-        if self._rand_augment is not None:
-            x = self._rand_augment(x, g)
-        x = self._normalize.nchw_float(x)
-        if self._erasing is not None:
-            x = self._erasing(x, g)
-        return x
+        return self._augment(x, g)
 
     def _translate_flip(self, sel, g, want_img, want_mask):
         """Pad-and-crop (a random shift of up to ``crop_padding`` pixels each way) and flip as one
@@ -268,8 +260,10 @@ class DeviceLoader(KDLoader):
 
     def _random_resized_crop(self, sel, g, res, want_img, want_mask):
         """torchvision's RandomResizedCrop box rule (ten tries, then the centre fallback) drawn for
-        the whole batch at once, then one ``grid_sample`` with the flip folded into the affine map."""
+        the whole batch at once, then one ``grid_sample`` with the flip folded into the affine map
+        (two for ``interpolation="random"``: bilinear and bicubic, selected per image)."""
         dev = self.config.device
+        interpolation = self.config.interpolation
         b = len(sel)
         h, w = self._image_size
         tries = 10
@@ -292,6 +286,10 @@ class DeviceLoader(KDLoader):
         cw, ch = torch.where(miss, float(fw), cw), torch.where(miss, float(fh), ch)
         top, left = torch.where(miss, float((h - fh) // 2), top), torch.where(miss, float((w - fw) // 2), left)
         flip = torch.rand(b, generator=g) < 0.5
+        bicubic = None
+        if interpolation == "random":  # drawn after the boxes and flips, which stay as without it
+            bicubic = _host_zeros((b, 1, 1, 1), torch.bool, dev)
+            bicubic.view(-1).copy_(torch.rand(b, generator=g) < 0.5)
         # align_corners=False: normalised -1 / +1 are the outer edges of the first / last pixel
         theta = _host_zeros((b, 2, 3), torch.float32, dev)
         theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
@@ -302,12 +300,26 @@ class DeviceLoader(KDLoader):
         images = masks = None
         if want_img:  # float 0..255: normalised by the caller, after any RandAugment
             x = self.images[sel].permute(0, 3, 1, 2).float()
-            images = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            images = _resample(x, grid, interpolation, bicubic)
         if want_mask:
             m = F.grid_sample(self.masks[sel][:, None].float(), grid, mode="nearest", padding_mode="border",
                               align_corners=False)
             masks = m[:, 0].to(torch.uint8)
         return images, masks
+
+
+def _resample(x: torch.Tensor, grid: torch.Tensor, interpolation: str,
+              bicubic: Optional[torch.Tensor]) -> torch.Tensor:
+    """``grid_sample`` of float 0..255 images at ``grid``: bilinear, bicubic (its overshoot clamped
+    to 0..255, the range of the uint8 source) or, for ``"random"``, bicubic where the host bool
+    ``bicubic`` ``[B, 1, 1, 1]`` is set and bilinear elsewhere."""
+    def sample(mode: str) -> torch.Tensor:
+        out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+        return out.clamp_(0, 255) if mode == "bicubic" else out
+
+    if interpolation != "random":
+        return sample(interpolation)
+    return torch.where(bicubic.to(x.device, non_blocking=True), sample("bicubic"), sample("bilinear"))
 
 
 def _host_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

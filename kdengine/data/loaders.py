@@ -6,25 +6,31 @@ Pipelines (``pipeline=``):
 
 * ``imagenet_train``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) decoded straight to
   ``resolution`` pixels (an int, or ``callable(epoch) -> int`` for a per-epoch schedule), random
-  horizontal flip.
-* ``imagenet_val``: centre crop of side ``224/256`` of the short side, resized to ``resolution``.
+  horizontal flip. The device loader resamples bilinearly, bicubically or either per image
+  (``interpolation``); FFCV with OpenCV's area filter only (it refuses the other two).
+* ``imagenet_val``: centre crop of side ``val_crop_pct`` (default ``224/256``) of the short side,
+  resized to ``resolution`` (timm's ``Resize(resolution / crop_pct)`` + ``CenterCrop``).
 * ``cifar_train``: random translation by up to ``crop_padding`` pixels (pad and crop; the border
   is the ``mean`` colour, ``padding_mode="fill"``, or mirrored, ``"reflect"``: device loader
   only), random horizontal flip; the images keep their stored size (``resolution`` is unused), or
   are resized to ``resize`` (device loader only).
 * ``cifar_val``: the images as stored (or resized to ``resize``).
 
-Training augmentations of the device loader only (see :mod:`.device_loader`): ``randaugment``
-(timm's RandAugment) and ``random_erasing`` (timm's RandomErasing); the FFCV loader refuses them.
-
 Then, on ``device`` (``ToDevice(non_blocking=True)`` on CUDA): NCHW, channels_last memory when
-asked, ``(x - mean) / std`` in ``dtype``.
+asked, ``(x - mean) / std`` in ``dtype``. Training pipelines may add, in timm's order after the
+crop and flip, ``randaugment`` (timm's RandAugment, on the uint8 values, before normalisation)
+and ``random_erasing`` (timm's RandomErasing, after it), in both loaders by one code path
+(:class:`~.augment.BatchAugment`), drawn from a generator seeded per ``(seed, epoch, rank,
+world_size, batch index)`` (:func:`~._loading.batch_generator`): reproducible, and a resumed
+epoch draws as an uninterrupted one.
 
 ``device_resident="auto"`` picks the device loader for ``cifar_*`` pipelines when the decoded set
 fits :func:`resident_budget`: 2 GiB on the CPU, a quarter of the free memory of a CUDA device
 (:func:`resident_bytes`: 4 bytes a pixel, 1 more with masks, 16 a sample). It holds the set as
 uint8 and runs crop and flip batched on the device (far faster than FFCV's
-per-image CPU work on 32-pixel images); ``imagenet_*`` pipelines stay with FFCV under "auto".
+per-image CPU work on 32-pixel images); ``imagenet_*`` pipelines stay with FFCV under "auto",
+except ``imagenet_train`` with an ``interpolation`` FFCV lacks (bicubic or random) on a set of
+one image size that fits (e.g. CIFAR upscaled to 224 px as the PAT/OFA recipes train).
 """
 from __future__ import annotations
 
@@ -42,12 +48,12 @@ from ._loading import (
     ORDERS,
     RRC_RATIO,
     RRC_SCALE,
-    VAL_CROP_RATIO,
     BetonInfo,
     KDLoader,
     LoaderConfig,
     Normalizer,
     Resolution,
+    batch_generator,
     beton_info,
     center_crop_box,
     check_fields,
@@ -56,6 +62,7 @@ from ._loading import (
     resize_masks,
     shard,
 )
+from .augment import BatchAugment
 
 __all__ = ["FIELDS", "IMAGENET_MEAN", "IMAGENET_STD", "LOADER_PIPELINES", "ORDERS", "FFCVLoader", "KDLoader",
            "auto_resident", "make_loader", "resident_budget", "resident_bytes"]
@@ -92,6 +99,8 @@ def make_loader(
     resize: Optional[int] = None,
     randaugment: Optional[str] = None,
     random_erasing: float = 0.0,
+    val_crop_pct: Optional[float] = None,
+    interpolation: str = "bilinear",
 ) -> KDLoader:
     """A loader of the ``.beton`` at ``path`` (see the module docstring for the pipelines).
 
@@ -123,20 +132,30 @@ def make_loader(
         rank, world_size: explicit sharding with ``distributed=True``.
         batches_ahead: FFCV's prefetch depth.
         resize: ``cifar_*``: resize the crops to ``resize x resize`` (bilinear; device loader only).
-        randaugment: ``*_train``: timm's RandAugment string, e.g. ``"rand-m9-mstd0.5-inc1"``
-            (device loader only).
-        random_erasing: ``*_train``: timm's RandomErasing probability, pixel mode (device loader
-            only).
+        randaugment: ``*_train``: timm's RandAugment string, e.g. ``"rand-m9-mstd0.5-inc1"``, on
+            the crops' uint8 values before normalisation (both loaders; seeded per batch).
+        random_erasing: ``*_train``: timm's RandomErasing probability, pixel mode, after
+            normalisation (both loaders; seeded per batch).
+        val_crop_pct: ``imagenet_val``: the centre crop's side over the image's short side, in
+            (0, 1] (timm's ``crop_pct``: 0.875 for ResNets, 0.9 for DeiT/Swin); None: 224/256.
+        interpolation: ``imagenet_train``: the RandomResizedCrop's resampling, ``"bilinear"``,
+            ``"bicubic"`` or ``"random"`` (one of the two per image, as timm's
+            RandomResizedCropAndInterpolation); the FFCV loader resamples with OpenCV's area filter
+            under ``"bilinear"`` and refuses the other two (device loader only).
 
     Returns:
         A :class:`KDLoader`: an :class:`FFCVLoader` or a :class:`~kdengine.data.DeviceLoader`.
+
+    Raises:
+        ValueError: a bad option (the message names it), or one the chosen loader lacks.
     """
     config = LoaderConfig(
         pipeline=pipeline, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype,
         channels_last=channels_last, order=order, drop_last=drop_last, distributed=distributed, seed=seed,
         os_cache=os_cache, fields=fields, mean=mean, std=std, resolution=resolution,
         crop_padding=crop_padding, padding_mode=padding_mode, rank=rank, world_size=world_size,
-        batches_ahead=batches_ahead, resize=resize, randaugment=randaugment, random_erasing=random_erasing)
+        batches_ahead=batches_ahead, resize=resize, randaugment=randaugment, random_erasing=random_erasing,
+        val_crop_pct=val_crop_pct, interpolation=interpolation)
     if device_resident not in (True, False, "auto"):
         raise ValueError(f"device_resident must be True, False or 'auto', got {device_resident!r}")
     info = beton_info(path)
@@ -151,8 +170,11 @@ def make_loader(
 
 
 def auto_resident(info: BetonInfo, config: LoaderConfig) -> bool:
-    """The "auto" rule: ``cifar_*`` pipelines whose decoded set fits :func:`resident_budget`."""
-    return (not config.is_imagenet and info.constant_size is not None
+    """The "auto" rule: ``cifar_*`` pipelines, and ``imagenet_train`` with an ``interpolation``
+    only the device loader has, whose images have one size and whose decoded set fits
+    :func:`resident_budget`."""
+    wanted = not config.is_imagenet or config.interpolation != "bilinear"
+    return (wanted and info.constant_size is not None
             and resident_bytes(info, config.fields) <= resident_budget(config.device))
 
 
@@ -244,8 +266,9 @@ def _page_table(page_to_samples) -> tuple[np.ndarray, np.ndarray]:
 
 class FFCVLoader(KDLoader):
     """FFCV's Loader with our pipelines, epoch order and output conventions (see
-    :func:`make_loader`). Augmentations run in FFCV's threads on the CPU and are not seeded
-    (FFCV draws from numba's global generator); the order is."""
+    :func:`make_loader`). The crops and flips run in FFCV's threads on the CPU and are not seeded
+    (FFCV draws from numba's global generator); the order is, and so are ``randaugment`` and
+    ``random_erasing``, applied to each decoded batch on the device (per-batch generator)."""
 
     def __init__(self, info: BetonInfo, config: LoaderConfig):
         from ffcv.loader import Loader
@@ -255,10 +278,11 @@ class FFCVLoader(KDLoader):
                 f"fields: 'mask' with pipeline {config.pipeline!r} is not supported by the FFCV loader "
                 "(its random crops and flips cannot be applied to the masks alike); use the device-resident "
                 "loader: make_loader(..., device_resident=True)")
-        asked = [name for name in ("resize", "randaugment", "random_erasing") if getattr(config, name)]
-        if asked:
-            raise ValueError(f"{', '.join(asked)}: only the device-resident loader has them (device_resident=True); "
-                             "FFCV's pipelines are the crop and flip alone")
+        if config.resize:
+            raise ValueError(f"resize={config.resize}: only the device-resident loader has it (device_resident=True)")
+        if config.interpolation != "bilinear":
+            raise ValueError(f"interpolation={config.interpolation!r}: only the device-resident loader has it "
+                             "(device_resident=True); FFCV's RandomResizedCrop resamples with OpenCV's area filter")
         if config.padding_mode != "fill":
             raise ValueError(f"padding_mode={config.padding_mode!r} is only available on the device-resident "
                              "loader (device_resident=True); FFCV translates with a fill colour ('fill')")
@@ -268,6 +292,10 @@ class FFCVLoader(KDLoader):
         self._shard_size = len(shard(np.arange(self.dataset_size), config.rank, config.world_size,
                                      config.drop_last))
         self._normalize = Normalizer(config)
+        self._augment = BatchAugment(config, self._normalize) if config.augments else None
+        if config.pipeline == "imagenet_val" and info.image_sizes is not None:  # fail here, not in FFCV's threads
+            (h0, _), (w0, _) = info.image_sizes
+            center_crop_box(h0, w0, config.crop_ratio)
         self._res = config.resolution_at(0) if config.is_imagenet else None
         self._order = _make_order_class()(config, self.dataset_size)
         pipelines = {name: None for name in info.fields}  # FFCV decodes every field not disabled
@@ -307,7 +335,7 @@ class FFCVLoader(KDLoader):
                                                              ratio=RRC_RATIO)
             ops = [self._decoder, RandomHorizontalFlip()]
         elif c.pipeline == "imagenet_val":
-            ops = [CenterCropRGBImageDecoder((self._res, self._res), ratio=VAL_CROP_RATIO)]
+            ops = [CenterCropRGBImageDecoder((self._res, self._res), ratio=c.crop_ratio)]
         elif c.pipeline == "cifar_train":
             fill = tuple(int(round(m)) for m in c.mean)  # the border normalises to about 0
             ops = [SimpleRGBImageDecoder(), RandomHorizontalFlip()]
@@ -332,20 +360,21 @@ class FFCVLoader(KDLoader):
         self._loader.next_epoch = epoch  # FFCV asks the order for this epoch
         it = iter(self._loader)
         try:
-            for batch in it:
-                yield self._outputs(dict(zip(self._names, batch)))
+            for b, batch in enumerate(it, start):
+                g = batch_generator(self.config, epoch, b) if self._augment is not None else None
+                yield self._outputs(dict(zip(self._names, batch)), g)
         finally:
             it.close()  # stops FFCV's worker thread if the consumer leaves early
 
-    def _outputs(self, got: dict) -> tuple:
+    def _outputs(self, got: dict, g) -> tuple:
         out = []
         for name in self.config.fields:
             x = got[name]
             if name == "image":
-                out.append(self._normalize.nhwc(x))
+                out.append(self._normalize.nhwc(x) if g is None else self._augment.nhwc(x, g))
             elif name == "mask":
                 if self.config.pipeline == "imagenet_val":
-                    out.append(resize_masks(x, *center_crop_box(*x.shape[1:]), self._res))
+                    out.append(resize_masks(x, *center_crop_box(*x.shape[1:], self.config.crop_ratio), self._res))
                 else:
                     out.append(x.clone())  # FFCV reuses its buffers
             else:

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from ..data import CLASSES, ORDERS
+from ..data import CLASSES, INTERPOLATIONS, ORDERS
 from ..data.augment import parse_rand_augment
 from ..data.cityscapes import CITYSCAPES_CLASSES
 from ..methods import ROLES, list_methods
@@ -31,7 +31,6 @@ TASKS = ("classification", "segmentation")
 DATA_RECIPES = ("cifar", "imagenet")
 SCHEDULES = ("multistep", "step", "cosine", "poly", "constant")
 OPTIMIZERS = ("sgd", "adamw")
-INTERPOLATIONS = ("bilinear", "bicubic", "random")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -90,16 +89,17 @@ class DataConfig:
     device_resident: Any = "auto"  # true | false | auto (small sets held whole on the device)
     mean: Optional[list[float]] = None  # per channel, 0..255; default: the dataset's stats
     std: Optional[list[float]] = None
-    # Training augmentations of the device-resident loader (the FFCV loader has none of them), in
-    # timm's order after the crop and flip: RandAugment as timm's string (e.g. rand-m9-mstd0.5-inc1,
-    # the PAT/OFA ViT recipes; null: off), then normalisation, then random erasing with this
-    # probability per image (timm's RandomErasing, pixel mode; 0.25 in those recipes).
+    # Training augmentations on the device (both loaders), in timm's order after the crop and flip:
+    # RandAugment as timm's string (e.g. rand-m9-mstd0.5-inc1, the PAT/OFA ViT recipes; null: off),
+    # then normalisation, then random erasing with this probability per image (timm's
+    # RandomErasing, pixel mode; 0.25 in those recipes).
     randaugment: Optional[str] = None
     random_erasing: float = 0.0
-    # imagenet pipeline: the validation centre crop's share of the shorter side (timm's crop_pct:
-    # resize to resolution / crop_pct, crop resolution; null: 0.875 = 224/256; PAT's DeiT-T and
-    # Swin students: 0.9), and the training crop's resampling: bilinear, bicubic or random (one of
-    # the two per image, as timm's RandomResizedCropAndInterpolation with interpolation=random).
+    # imagenet pipeline: the validation centre crop's share of the shorter side (timm's crop_pct;
+    # null: 0.875 = 224/256; timm's 0.9 of the DeiT-T and Swin students crops 224 of 248 px, a
+    # share of 224 / 248), and the training crop's resampling: bilinear, bicubic or random (one of
+    # the two per image, as timm's RandomResizedCropAndInterpolation with interpolation=random;
+    # the device-resident loader only: FFCV's decoder resamples with OpenCV's area filter).
     val_crop_pct: Optional[float] = None
     train_interpolation: str = "bilinear"
     # Mixup / cutmix of each training batch on the device (timm's Mixup, one lam per batch); every
@@ -343,6 +343,11 @@ def _check_recipe_options(cfg: DictConfig) -> None:
     _choice(d.train_interpolation, INTERPOLATIONS, "data.train_interpolation")
     if d.val_crop_pct is not None and not 0 < d.val_crop_pct <= 1:
         raise ConfigError(f"data.val_crop_pct={d.val_crop_pct} must be in (0, 1], e.g. 0.875 or 0.9")
+    for key, value, default in (("val_crop_pct", d.val_crop_pct, None), ("train_interpolation",
+                                                                         d.train_interpolation, "bilinear")):
+        if value != default and d.pipeline != "imagenet":
+            raise ConfigError(f"data.{key}={value} is an option of data.pipeline=imagenet (the RandomResizedCrop "
+                              f"and centre-crop pipelines), not of data.pipeline={d.pipeline}")
     if d.randaugment is not None:
         try:
             parse_rand_augment(d.randaugment)

@@ -71,6 +71,10 @@ def _build_loaders(cfg, precision: Precision, dist: DistContext) -> tuple:
     train = dict(pipeline=f"{d.pipeline}_train", batch_size=train_size, order=d.order,
                  fields=("image", "label", "index"), **_augmentations(d))
     val = dict(pipeline=f"{d.pipeline}_val", batch_size=val_size, order="sequential", fields=("image", "label"))
+    if d.pipeline == "imagenet":  # options of the RandomResizedCrop / centre-crop pipelines only
+        train["interpolation"] = d.train_interpolation
+        if d.val_crop_pct is not None:
+            val["val_crop_pct"] = d.val_crop_pct
     common = _loader_options(cfg, precision, dist)
     if d.dataset == "embedded" and not ffcv_available():
         if d.device_resident is False:

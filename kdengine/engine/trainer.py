@@ -247,8 +247,8 @@ class Trainer:
                         rank=self.dist.rank)
 
     def _check_loader_augmentations(self) -> None:
-        """The device-resident loader's options are applied, or the run stops (rather than train
-        without them): the FFCV loader has none of them."""
+        """The augmentation options are applied by the loader the run reads with, or the run stops
+        (rather than train without them): ``resize`` is the device-resident loader's alone."""
         d = self.cfg.data
         asked = [("data.randaugment", d.randaugment, self.train_loader, "randaugment"),
                  ("data.random_erasing", d.random_erasing, self.train_loader, "random_erasing")]
@@ -258,8 +258,7 @@ class Trainer:
         for key, value, loader, option in asked:
             if value and getattr(loader.config, option, None) != value:
                 raise ConfigError(f"{key}={value} is not applied by the {type(loader).__name__} this run reads "
-                                  f"with; it is an option of the device-resident loader only "
-                                  f"(data.device_resident=true)")
+                                  f"with; it needs the device-resident loader (data.device_resident=true)")
 
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if not self.dist.enabled:

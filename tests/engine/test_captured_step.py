@@ -55,6 +55,9 @@ def _confident_heads(models) -> None:
             model.fc.bias.copy_(torch.tensor(bias))
 
 
+SEG_KWARGS = ({"width": 8, "head_channels": 16}, {"width": 8, "head_channels": 8})
+
+
 @dataclass(frozen=True)
 class Case:
     """A method set-up: its name and options, the models (zoo names) and their roles."""
@@ -67,6 +70,8 @@ class Case:
     batch_labels: Optional[tuple[int, ...]] = None  # one label for every sample of batch k of an epoch
     shuffle: bool = True
     lr: Optional[float] = None  # every model's learning rate (default: OPTIM.lr)
+    task: str = "classification"  # segmentation: label maps [B, SIZE, SIZE], models' kwargs below
+    kwargs: tuple = ()  # per model, its constructor's options
 
 
 CASES = {
@@ -80,6 +85,12 @@ CASES = {
     "kd+adm": Case("kd+adm", ("teacher", "student"), ("resnet8", "resnet8")),
     # three networks (1T2S) and ADM's connectors (a wider teacher)
     "dml+adm-1t2s": Case("dml+adm", ("teacher", "student", "student"), ("resnet8x4", "resnet8", "resnet8")),
+    # segmentation: dense ADM (region pools, a head connector between 16 and 8 channels) and
+    # SwitOKD's per-pixel switch with the pixel form, on label maps with ignored pixels
+    "dml+adm-seg": Case("dml+adm", ("teacher", "student"), ("deeplabv3_resnet18", "pspnet_resnet18"),
+                        task="segmentation", kwargs=SEG_KWARGS),
+    "switokd+adm-seg-pixel": Case("switokd+adm", ("teacher", "student"), ("deeplabv3_resnet18", "pspnet_resnet18"),
+                                  {"adm": {"dense": "pixel"}}, task="segmentation", kwargs=SEG_KWARGS),
 }
 
 
@@ -97,12 +108,16 @@ def build(case: Case, precision: Precision, *, cuda_graph: bool, seed: int = 0) 
     eval mode), from ``seed``."""
     device = precision.device
     torch.manual_seed(seed)
-    models = [create_model(name, num_classes=CLASSES).to(device, memory_format=precision.memory_format)
-              for name in case.models]
+    kwargs = case.kwargs or ({},) * len(case.models)
+    models = [create_model(name, num_classes=CLASSES, **kw).to(device, memory_format=precision.memory_format)
+              for name, kw in zip(case.models, kwargs)]
     if case.prepare is not None:
         case.prepare(models)
+    for module in (m for model in models for m in model.modules()):
+        if isinstance(module, torch.nn.Dropout):  # the segmentation heads': masks from the global
+            module.p = 0.0  # generator would differ between the runs compared step by step
     method = build_method(case.method, models, roles=case.roles, num_classes=CLASSES, num_samples=SAMPLES,
-                          **case.options).to(device)
+                          task=case.task, **case.options).to(device)
     for model, trainable in zip(models, method.trainable):
         if not trainable:
             model.requires_grad_(False)
@@ -117,7 +132,10 @@ def dataset(case: Case, precision: Precision) -> tuple[torch.Tensor, torch.Tenso
     """``SAMPLES`` images (in the loaders' dtype and layout) and labels, on the run's device."""
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(SAMPLES, 3, SIZE, SIZE, generator=gen)
-    if case.batch_labels is None:
+    if case.task == "segmentation":  # label maps, a quarter of the pixels ignored
+        labels = torch.randint(0, CLASSES, (SAMPLES, SIZE, SIZE), generator=gen)
+        labels[torch.rand(labels.shape, generator=gen) < 0.25] = 255
+    elif case.batch_labels is None:
         labels = torch.randint(0, CLASSES, (SAMPLES,), generator=gen)
     else:
         labels = torch.tensor(case.batch_labels).repeat_interleave(BATCH)

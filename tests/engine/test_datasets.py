@@ -88,3 +88,19 @@ def test_loading_leaves_the_runs_threads_alone(tiny):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_imagenet_pipeline_options_reach_the_loaders(tiny):
+    """data.val_crop_pct and data.train_interpolation (the PAT recipes' timm crop_pct and random
+    bilinear/bicubic resize) configure the imagenet pipelines; other pipelines refuse them."""
+    from kdengine.engine.config import ConfigError
+
+    options = ["data.pipeline=imagenet", "data.resolution=16", "data.val_crop_pct=0.9",
+               "data.train_interpolation=random"]
+    train, val = _loaders([*tiny, *options])
+    assert train.config.interpolation == "random" and val.config.val_crop_pct == 0.9
+    plain_train, plain_val = _loaders([*tiny, "data.pipeline=imagenet", "data.resolution=16"])
+    assert plain_train.config.interpolation == "bilinear" and plain_val.config.val_crop_pct is None
+    for option in options[2:]:
+        with pytest.raises(ConfigError, match="an option of data.pipeline=imagenet"):
+            load_config(overrides=[*tiny, option])

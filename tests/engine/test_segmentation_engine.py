@@ -235,9 +235,9 @@ def test_object_iou_scores_on_known_regions():
     sim[0, :2, :] = 1.0  # similar exactly on the object
     pred = labels.clone()
     pred[0, 1, :] = 0  # the student finds half the object
+    pair = SegPairMaps(0, 1, "teacher~student", "identity", sim, sim, sim)
     maps = SegMapSet(["teacher", "student"], labels, labels > 0, {"teacher": labels.clone(), "student": pred},
-                     np.zeros((0, 4, 4, 3), np.uint8), [SegPairMaps(0, 1, "teacher~student", "identity", sim, sim, sim)],
-                     255)
+                     np.zeros((0, 4, 4, 3), np.uint8), [pair], 255)
     scores = object_iou_scores(maps)
     assert scores["similar/teacher~student"] == pytest.approx(100.0)
     assert scores["discrepant/teacher~student"] == pytest.approx(0.0)

@@ -20,6 +20,7 @@ compute dtype) and, on CUDA, the step's peak memory above what the models and op
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import resource
 from dataclasses import dataclass
@@ -46,9 +47,16 @@ class StepCase:
     teacher: str
     student: str
     batch: int
-    size: int
+    size: int  # the image height (and width unless ``width`` is set)
     num_classes: int
-    preset: str  # the method presets' hyper-parameters: "cifar" or "imagenet"
+    preset: str  # the method presets' hyper-parameters: "cifar", "imagenet" or "segmentation"
+    task: str = "classification"  # segmentation: random label maps, a tenth of the pixels ignored
+    width: Optional[int] = None
+    kwargs: tuple = ({}, {})  # the teacher's and the student's constructor options
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.size, self.width or self.size
 
 
 CASES = {
@@ -57,9 +65,19 @@ CASES = {
     "imagenet_r34_r18_160": StepCase("imagenet_r34_r18_160", "resnet34", "resnet18", 256, 160, 1000, "imagenet"),
     # The embedded default run: WRN-16-2 -> ResNet-8 at 16 px, 10 classes, batch 128.
     "embedded": StepCase("embedded", "wrn_16_2", "resnet8", 128, 16, 10, "cifar"),
+    # Segmentation (dml+adm only): configs/embedded/segmentation.yaml's pair at 48 px, and the ADM
+    # paper's Table 5 pair on Cityscapes crops (2 per GPU: the 8-GPU recipe's batch 8 x 2 would not
+    # fit a CPU; the GPU check leaves it out of its time budget: compiling R101 takes minutes).
+    "embedded_seg": StepCase("embedded_seg", "deeplabv3_resnet101", "deeplabv3_resnet18", 32, 48, 4, "segmentation",
+                             task="segmentation", kwargs=({"width": 8, "head_channels": 32},) * 2),
+    "cityscapes_dlv3_r101_r18": StepCase("cityscapes_dlv3_r101_r18", "deeplabv3_resnet101", "deeplabv3_resnet18", 2,
+                                         512, 19, "segmentation", task="segmentation", width=1024),
 }
-#: Cases run when none are named: the ImageNet ones only on a GPU (minutes per step on 2 cores).
+#: Cases run when none are named: the ImageNet and Cityscapes ones only on a GPU (minutes per step
+#: on 2 cores).
 DEFAULT_CASES = {"cpu": ("embedded", "cifar_r32x4_r8x4"), "cuda": tuple(CASES)}
+#: The methods a segmentation case runs (the offline ones have no segmentation form).
+SEGMENTATION_METHODS = ("dml+adm",)
 
 
 @dataclass
@@ -158,11 +176,11 @@ class _Provider:
             precision = Precision(device, torch.bfloat16 if on_cuda else None, on_cuda)
             impl = "reference" if provider == "compile" else None
         torch.manual_seed(seed)
-        self.models = nn.ModuleList([create_model(case.teacher, num_classes=case.num_classes),
-                                     create_model(case.student, num_classes=case.num_classes)])
+        self.models = nn.ModuleList([create_model(case.teacher, num_classes=case.num_classes, **case.kwargs[0]),
+                                     create_model(case.student, num_classes=case.num_classes, **case.kwargs[1])])
         self.models.to(device, memory_format=precision.memory_format)
         self.method = build_method(method_name, list(self.models), roles=("teacher", "student"),
-                                   num_classes=case.num_classes, preset=case.preset,
+                                   num_classes=case.num_classes, preset=case.preset, task=case.task,
                                    adm={"impl": impl}).to(device)
         for model, trainable in zip(self.models, self.method.trainable):
             model.requires_grad_(trainable)
@@ -181,10 +199,15 @@ class _Provider:
         self.step = JointStep(self.models, self.method, optimizer, precision, ["teacher", "student"],
                               cuda_graph=provider == "kdengine", compile=provider == "compile")
         gen = torch.Generator().manual_seed(seed)
-        images = torch.randn(case.batch, 3, case.size, case.size, generator=gen)
+        images = torch.randn(case.batch, 3, *case.shape, generator=gen)
         self.images = images.to(device=device, dtype=precision.input_dtype).contiguous(
             memory_format=precision.memory_format)
-        self.labels = torch.randint(0, case.num_classes, (case.batch,), generator=gen).to(device)
+        if case.task == "segmentation":
+            labels = torch.randint(0, case.num_classes, (case.batch, *case.shape), generator=gen)
+            labels[torch.rand(labels.shape, generator=gen) < 0.1] = 255
+        else:
+            labels = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
+        self.labels = labels.to(device)
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -206,13 +229,13 @@ def run(config: StepBenchConfig, progress=None) -> list[dict]:
     base = provenance(device)
     rates = {}
     rows = []
-    work = [(c, m) for c in config.cases for m in config.methods]
+    work = [(c, m) for c in config.cases for m in config.methods
+            if CASES[c].task == "classification" or m in SEGMENTATION_METHODS]
     task = progress.add_task("bench step", total=len(work)) if progress else None
     for case_name, method_name in work:
         case = CASES[case_name]
         if config.batch:
-            case = StepCase(case.name, case.teacher, case.student, config.batch, case.size, case.num_classes,
-                            case.preset)
+            case = dataclasses.replace(case, batch=config.batch)
         if progress:
             progress.update(task, description=f"{case_name} {method_name}")
         providers = {p: _Provider(p, case, method_name, device) for p in config.providers}
@@ -243,7 +266,8 @@ def run(config: StepBenchConfig, progress=None) -> list[dict]:
                 "case": case.name, "method": method_name, "provider": name,
                 "dtype": str(dtype).replace("torch.", ""),
                 "layout": "channels_last" if prov.precision.channels_last else "contiguous",
-                "cuda_graph": prov.step.use_cuda_graph, "batch": case.batch, "img_size": case.size,
+                "cuda_graph": prov.step.use_cuda_graph, "batch": case.batch,
+                "img_size": case.size if case.width is None else f"{case.size}x{case.width}",
                 "teacher": case.teacher, "student": case.student,
                 "steps_per_window": k, "windows": t.samples,
                 "median_ms_per_step": round(ms, 3), "p20_ms_per_step": round(t.p20_ms / k, 3),

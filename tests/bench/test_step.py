@@ -65,3 +65,13 @@ def test_cli_bad_case_is_one_line_exit_2(capsys):
     assert main(["bench", "step", "--device", "cpu", "--cases", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--cases has unknown names ['nope']" in err
+
+
+def test_a_segmentation_case_runs_dml_adm_only(tmp_path):
+    """The segmentation cases train on label maps with the dense ADM; offline methods are skipped."""
+    config = bench_step.make_config(device="cpu", cases=["embedded_seg"], methods=["dml+adm", "kd+adm"],
+                                    providers=["eager-fp32", "kdengine"], repeat=1, steps_per_window=1, warmup=1,
+                                    batch=2, output=tmp_path / "step.csv")
+    rows = bench_step.run(config)
+    assert {(r["method"], r["provider"]) for r in rows} == {("dml+adm", "eager-fp32"), ("dml+adm", "kdengine")}
+    assert all(r["img_size"] == 48 and r["batch"] == 2 and r["median_ms_per_step"] > 0 for r in rows)

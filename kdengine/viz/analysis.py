@@ -223,19 +223,7 @@ def analyze_run(run_dir: os.PathLike | str, kinds: Optional[Iterable[str]] = Non
     if "iou" in kinds:
         start = time.perf_counter()
         say("foreground IoU ...")
-        result = iou_over_epochs(run_dir, device, iou_images)
-        out["iou"] = result
-        files = [_write_json(result, run_dir / "iou.json")]
-        if result["epochs"]:
-            files.append(plot_iou(result, run_dir / "iou.png", title=f"{run_dir.name}: IoU with the object "
-                                                                     f"({result['images']} validation images)"))
-        else:
-            out["notes"].append(result.get("note", "no IoU"))
-        if result["checkpoints"] == "last only":
-            out["notes"].append("IoU for the last checkpoint only: train with train.keep_checkpoints=true to keep "
-                                "one per epoch")
-        out["files"]["iou"] = files
-        out["seconds"]["iou"] = time.perf_counter() - start
+        _record_iou(run_dir, iou_over_epochs(run_dir, device, iou_images), out, start)
     if "calibration" in kinds:
         start = time.perf_counter()
         say("calibration ...")
@@ -247,6 +235,22 @@ def analyze_run(run_dir: os.PathLike | str, kinds: Optional[Iterable[str]] = Non
             plot_reliability(diagrams, run_dir / "calibration.png", title=title)]
         out["seconds"]["calibration"] = time.perf_counter() - start
     return out
+
+
+def _record_iou(run_dir: Path, result: dict, out: dict, start: float) -> None:
+    """``iou.json`` and, when there are epochs, ``iou.png`` of an IoU analysis, into ``out``."""
+    out["iou"] = result
+    files = [_write_json(result, run_dir / "iou.json")]
+    if result["epochs"]:
+        files.append(plot_iou(result, run_dir / "iou.png", title=f"{run_dir.name}: IoU with the object "
+                                                                 f"({result['images']} validation images)"))
+    else:
+        out["notes"].append(result.get("note", "no IoU"))
+    if result["checkpoints"] == "last only":
+        out["notes"].append("IoU for the last checkpoint only: train with train.keep_checkpoints=true to keep "
+                            "one per epoch")
+    out["files"]["iou"] = files
+    out["seconds"]["iou"] = time.perf_counter() - start
 
 
 def _analyze_segmentation(run_dir: Path, loaded, kinds, device: str, images: int, iou_images: int, title: str,
@@ -267,16 +271,7 @@ def _analyze_segmentation(run_dir: Path, loaded, kinds, device: str, images: int
     if "iou" in kinds:
         start = time.perf_counter()
         say("object IoU ...")
-        result = segmentation_iou_over_epochs(run_dir, device, iou_images, background)
-        out["iou"] = result
-        files = [_write_json(result, run_dir / "iou.json")]
-        if result["epochs"]:
-            files.append(plot_iou(result, run_dir / "iou.png", title=f"{run_dir.name}: IoU with the object "
-                                                                     f"({result['images']} validation images)"))
-        else:
-            out["notes"].append(result.get("note", "no IoU"))
-        out["files"]["iou"] = files
-        out["seconds"]["iou"] = time.perf_counter() - start
+        _record_iou(run_dir, segmentation_iou_over_epochs(run_dir, device, iou_images, background), out, start)
     if "calibration" in kinds:
         out["notes"].append("calibration: drawn for classification runs only")
     return out

@@ -141,15 +141,23 @@ class SweepPlan:
     config: Optional[str]  # the --config file (absolute), or None for the embedded default
     runs: list[PlannedRun]
     seed_key: str = "train.seed"
+    config_sha256: Optional[str] = None  # of the --config file's bytes when it was planned
 
     def to_json(self) -> dict:
-        return {"version": 1, "config": self.config, "seed_key": self.seed_key,
+        return {"version": 1, "config": self.config, "config_sha256": self.config_sha256, "seed_key": self.seed_key,
                 "runs": [{**asdict(r), "overrides": list(r.overrides)} for r in self.runs]}
 
     @classmethod
     def from_json(cls, data: dict) -> "SweepPlan":
         runs = [PlannedRun(r["name"], dict(r["values"]), tuple(r["overrides"])) for r in data.get("runs", [])]
-        return cls(data.get("config"), runs, data.get("seed_key", "train.seed"))
+        return cls(data.get("config"), runs, data.get("seed_key", "train.seed"), data.get("config_sha256"))
+
+
+def file_sha256(path: Optional[str]) -> Optional[str]:
+    """The SHA-256 of a file's bytes (None for None or a missing file)."""
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_plan(sweep_dir: os.PathLike | str) -> SweepPlan:
@@ -178,15 +186,22 @@ def merge_plan(sweep_dir: os.PathLike | str, config: Optional[str], runs: Sequen
     Returns:
         The merged plan: the folder's earlier runs first, then the new ones.
 
+    An experiment file at another path with the same bytes as the planned one (the sweep folder
+    committed and resumed from another checkout) is the same experiment: the plan then names the
+    new path.
+
     Raises:
         SweepError: the folder's plan uses another experiment file, or holds a run of the same
             name with other settings.
     """
     sweep_dir = Path(sweep_dir)
-    plan = load_plan(sweep_dir) if (sweep_dir / PLAN).is_file() else SweepPlan(config, [], seed_key)
-    if plan.config != config:
+    digest = file_sha256(config)
+    plan = load_plan(sweep_dir) if (sweep_dir / PLAN).is_file() else SweepPlan(config, [], seed_key, digest)
+    same_file = plan.config is not None and config is not None and plan.config_sha256 == digest is not None
+    if plan.config != config and not same_file:
         raise SweepError(f"{sweep_dir} is a sweep of --config {plan.config or '(the embedded default)'}, not "
                          f"{config or '(the embedded default)'}; choose another --name")
+    plan.config, plan.config_sha256 = config, digest
     known = {r.name: r for r in plan.runs}
     for run in runs:
         if run.name not in known:

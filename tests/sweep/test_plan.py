@@ -69,3 +69,17 @@ def test_plans_merge_and_refuse_a_changed_run(tmp_path):
         merge_plan(tmp_path, "/some/other.yaml", first)
     dry = merge_plan(tmp_path / "dry", None, first, write=False)
     assert len(dry.runs) == 4 and not (tmp_path / "dry").exists()
+
+
+def test_a_sweep_folder_resumes_with_the_same_experiment_file_at_another_path(tmp_path):
+    """A committed sweep resumed from another checkout: the file's bytes decide, not its path."""
+    first, moved, other = tmp_path / "a" / "exp.yaml", tmp_path / "b" / "exp.yaml", tmp_path / "c" / "exp.yaml"
+    for path, text in ((first, "train: {epochs: 2}\n"), (moved, "train: {epochs: 2}\n"), (other, "train: {epochs: 3}\n")):
+        path.parent.mkdir()
+        path.write_text(text)
+    runs = plan_runs(["train.seed=0,1"])
+    merge_plan(tmp_path / "sw", str(first), runs)
+    plan = merge_plan(tmp_path / "sw", str(moved), runs)
+    assert plan.config == str(moved) and load_plan(tmp_path / "sw").config == str(moved)
+    with pytest.raises(SweepError, match="is a sweep of --config"):
+        merge_plan(tmp_path / "sw", str(other), runs)

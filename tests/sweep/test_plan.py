@@ -74,7 +74,8 @@ def test_plans_merge_and_refuse_a_changed_run(tmp_path):
 def test_a_sweep_folder_resumes_with_the_same_experiment_file_at_another_path(tmp_path):
     """A committed sweep resumed from another checkout: the file's bytes decide, not its path."""
     first, moved, other = tmp_path / "a" / "exp.yaml", tmp_path / "b" / "exp.yaml", tmp_path / "c" / "exp.yaml"
-    for path, text in ((first, "train: {epochs: 2}\n"), (moved, "train: {epochs: 2}\n"), (other, "train: {epochs: 3}\n")):
+    texts = ("train: {epochs: 2}\n", "train: {epochs: 2}\n", "train: {epochs: 3}\n")
+    for path, text in zip((first, moved, other), texts):
         path.parent.mkdir()
         path.write_text(text)
     runs = plan_runs(["train.seed=0,1"])

@@ -79,6 +79,18 @@ class SweepTable:
         return METRIC_LABELS.get(self.metric, self.metric)
 
 
+def _settings_of(run) -> dict:
+    """Every setting a run trains with, ``key -> value`` as given: its invocation's shared
+    overrides and its axis values (a folder's runs may come from several invocations, each with
+    its own shared settings, e.g. an ablation of ``method.options.adm`` with ``method.name`` fixed)."""
+    settings = {}
+    for item in run.overrides:
+        key, _, value = str(item).partition("=")
+        settings[key.strip()] = value
+    settings.update(run.values)
+    return settings
+
+
 def _result(sweep_dir: Path, run) -> RunResult:
     run_dir = sweep_dir / run.name
     state = run_state(run_dir)
@@ -90,7 +102,7 @@ def _result(sweep_dir: Path, run) -> RunResult:
             best[tag] = max(best.get(tag, -math.inf), r[f"{tag}/{metric}"])
     if val:
         last = {tag: val[-1][f"{tag}/{metric}"] for tag in metric_tags(val[-1], metric)}
-    return RunResult(run.name, dict(run.values), state["status"], state["epochs_done"], state["epochs"], last, best,
+    return RunResult(run.name, _settings_of(run), state["status"], state["epochs_done"], state["epochs"], last, best,
                      state["error"], state["wall_s"], metric)
 
 
@@ -108,9 +120,10 @@ def sweep_table(sweep_dir: os.PathLike | str, seed_key: Optional[str] = None) ->
     plan = load_plan(sweep_dir)
     seed_key = seed_key or plan.seed_key
     results = [_result(sweep_dir, run) for run in plan.runs]
-    settings = []
+    settings = []  # the settings that tell the runs apart (the seed aside)
     for r in results:
-        settings += [k for k in r.values if k != seed_key and k not in settings]
+        settings += [k for k in r.values if k != seed_key and k not in settings
+                     and len({str(other.values.get(k, "")) for other in results}) > 1]
     rows: dict[tuple, Row] = {}
     for r in results:
         key = tuple(r.values.get(k, "") for k in settings)

@@ -76,3 +76,20 @@ def test_a_single_finished_run_has_no_std(tmp_path):
     fake_run(tmp_path / run.name, run.overrides, {"teacher": 60.0})
     table = sweep_table(tmp_path)
     assert "| all runs | 1 | 60.00 | 60.00 | 1/1 |" in to_markdown(table)
+
+
+def test_rows_of_several_invocations_name_every_setting_that_differs(tmp_path):
+    """A folder planned by two invocations: methods as an axis, then an ablation with method.name
+    fixed. Each row names its method (a fixed setting of the second invocation); settings shared by
+    every run (train.threads) are no column."""
+    main = plan_runs(["train.threads=1", "method.name=dml,dml+adm", "train.seed=0,1"])
+    ablation = plan_runs(["train.threads=1", "method.name=dml+adm", "method.options.adm={gamma: 0.0}",
+                          "train.seed=0,1"])
+    merge_plan(tmp_path, None, main)
+    merge_plan(tmp_path, None, ablation)
+    for i, run in enumerate(main + ablation):
+        fake_run(tmp_path / run.name, run.overrides, {"teacher": 50.0 + i, "student": 40.0 + i, "ensemble": 45.0})
+    table = sweep_table(tmp_path)
+    assert table.settings == ["method.name", "method.options.adm"]
+    rows = {tuple(r.values.values()): r.n for r in table.rows}
+    assert rows == {("dml", ""): 2, ("dml+adm", ""): 2, ("dml+adm", "{gamma: 0.0}"): 2}

@@ -169,8 +169,9 @@ class TrainConfig:
     resume: Optional[str] = None
     tensorboard: bool = True  # when the tensorboard package is installed
     deterministic: bool = True  # torch.use_deterministic_algorithms on CPU
-    # Under DDP, the trained models' BatchNorm layers synchronised across processes (SyncBatchNorm),
-    # as the segmentation recipes train (a few crops per GPU); off by default and on one process.
+    # Under DDP on CUDA, the trained models' BatchNorm layers synchronised across processes
+    # (SyncBatchNorm), as the segmentation recipes train (a few crops per GPU); off by default and
+    # on one process; refused under DDP on the CPU (torch's SyncBatchNorm needs a GPU).
     sync_bn: bool = False
     # Cross-entropy against (1 - e) one-hot + e / classes (folded into the mixup targets when
     # data.mixup / cutmix are on): soft targets, which the method must take.

@@ -192,6 +192,9 @@ class Trainer:
                         f"models.{i}.checkpoint (train one with `kdengine train method.name=vanilla`)"
                     )
                 self.models[i].requires_grad_(False)
+        if t.sync_bn and self.dist.enabled and not self.is_cuda:  # torch's SyncBatchNorm runs on GPUs only
+            raise ConfigError(f"train.sync_bn=true needs CUDA (torch's SyncBatchNorm), this run is on {self.device}; "
+                              "set train.sync_bn=false")
         if t.sync_bn and self.dist.enabled:  # the statistics of the whole global batch (segmentation recipes)
             for i, trainable in enumerate(self.trainable):
                 if trainable:

@@ -67,10 +67,12 @@ class SegMapSet:
 
 
 def _head_connectors(adm: Optional[nn.Module]) -> dict:
-    """``{(teacher, student): head connector}`` of a run's dense ADM (empty without one)."""
+    """``{(teacher, student): head connector}`` of a run's dense ADM where the head channels differ
+    (empty without ADM; equal channels need none)."""
     if adm is None:
         return {}
-    return {pair: getattr(loss, "head_connector", nn.Identity()) for pair, loss in zip(adm.pairs, adm.losses)}
+    connectors = {pair: getattr(loss, "head_connector", nn.Identity()) for pair, loss in zip(adm.pairs, adm.losses)}
+    return {pair: c for pair, c in connectors.items() if not isinstance(c, nn.Identity)}
 
 
 @torch.no_grad()

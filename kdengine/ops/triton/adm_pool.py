@@ -28,6 +28,7 @@ from ._common import (
     feature_offsets,
     in_layout,
     launch_guard,
+    pixel_channel_sums,
     pixel_map,
     pow2_block,
     precise_sqrt,
@@ -74,18 +75,7 @@ def _adm_partials_kernel(
         tl.store(part_s + c_in_block, _weighted_relu_sums(s, 1.0 + sim), mask=c_ok)
         tl.store(part_t + c_in_block, _weighted_relu_sums(t, 1.0 - sim), mask=c_ok)
     else:
-        dot = tl.zeros([BLOCK_P], ACC)
-        sq_s = tl.zeros([BLOCK_P], ACC)
-        sq_t = tl.zeros([BLOCK_P], ACC)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + c_in_block
-            offs = feature_offsets(c, p, C, HW, CHANNELS_LAST)
-            mask = (c < C)[:, None] & p_ok[None, :]
-            s = tl.load(s_img + offs, mask=mask, other=0.0).to(ACC)
-            t = tl.load(t_img + offs, mask=mask, other=0.0).to(ACC)
-            dot += tl.sum(s * t, axis=0)
-            sq_s += tl.sum(s * s, axis=0)
-            sq_t += tl.sum(t * t, axis=0)
+        dot, sq_s, sq_t = pixel_channel_sums(s_img, t_img, p, p_ok, C, HW, ACC, CHANNELS_LAST, BLOCK_C, BLOCK_P)
         sim = cosine_from_norms(dot, precise_sqrt(sq_s), precise_sqrt(sq_t), EPS)
         sim = tl.where(p_ok, sim, 0.0)
         w_co = 1.0 + sim  # masked pixels load zeros, so their weight does not matter

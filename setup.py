@@ -9,6 +9,7 @@ Environment overrides:
 import glob
 import os
 import re
+import sys
 
 from setuptools import find_packages, setup
 
@@ -40,6 +41,15 @@ def cuda_arch_list() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
 
 
+def openmp_flag() -> str:
+    """The OpenMP flag matching torch's parallel backend, or "" where torch has none."""
+    import torch
+
+    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
+        return ""
+    return "-fopenmp"
+
+
 def extensions() -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -47,6 +57,15 @@ def extensions() -> list:
     # The C++ standard is the one torch passes for its own headers.
     # -fno-trapping-math lets GCC turn the masked gradient loops into vector selects.
     cxx = ["-O3", "-fno-trapping-math", f'-DKDENGINE_VERSION="{version}"']
+    # at::parallel_for is a header template: without -fopenmp its `omp parallel` pragma is
+    # dropped and every CPU kernel runs on one thread whatever torch.get_num_threads() says
+    # (measured: feature_mse forward 2.5 ms at 1 and at 2 threads, against torch.dot's 1.2 ms
+    # on the same two 25 MB inputs). torch's Linux wheels use libgomp, so the extension links
+    # the same runtime (the soname torch has already loaded).
+    link = []
+    if openmp_flag():
+        cxx.append(openmp_flag())
+        link.append(openmp_flag())
     common = ["csrc/kdengine.cpp"] + sources("csrc/ops/*.cpp") + sources("csrc/ops/cpu/*.cpp")
     if want_cuda():
         arch_list = cuda_arch_list()
@@ -62,6 +81,7 @@ def extensions() -> list:
                     "cxx": cxx + defines,
                     "nvcc": ["-O3", "-lineinfo"] + defines,
                 },
+                extra_link_args=link,
             )
         ]
     return [
@@ -70,6 +90,7 @@ def extensions() -> list:
             common,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     ]
 

@@ -27,6 +27,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
     info["backends"] = backends;
     info["cuda_archs"] = KDENGINE_CUDA_ARCHS;
+    // Whether at::parallel_for in the CPU kernels runs on torch's intra-op threads: the header
+    // template is serial unless this file set was compiled with OpenMP.
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
     return info;
   }, "Version, torch version built against, compiled backends and CUDA architectures.");
   m.def("cpu_buffer_cache_bytes", &kdengine::cpu::buffer_cache_bytes,

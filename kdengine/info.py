@@ -29,7 +29,10 @@ def report() -> list[tuple[str, str]]:
         rows.append(("compiled backends", ", ".join(built["backends"])))
         if built["cuda_archs"]:
             rows.append(("CUDA archs", built["cuda_archs"]))
-    rows.append(("CPU threads", str(torch.get_num_threads())))
+    threads = str(torch.get_num_threads())
+    if not _extension.LOAD_ERROR and not built.get("openmp", False):
+        threads += " (the compiled CPU kernels run on one: built without OpenMP)"
+    rows.append(("CPU threads", threads))
     held = cpu_buffer_cache_bytes()
     if held is not None:
         rows.append(("CPU buffer cache", f"{held / 2**20:.0f} of {cpu_buffer_cache_limit_mb()} MiB held "

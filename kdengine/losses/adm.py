@@ -57,6 +57,7 @@ def stage_feature_loss(
     connectors: Optional[Sequence[nn.Module]] = None,
     *,
     impl: Optional[str] = None,
+    weight: Optional[float] = None,
 ) -> torch.Tensor:
     """ADM's L_feat: ``sum_{i=1}^{N-1} mse(phi_i(F_s[i]), F_t[i].detach()) / 2^(N-i)`` (Eq. 5;
     stage 0 skipped, as Algorithm 1), by the fused ``feature_mse`` op. Where spatial sizes differ
@@ -68,6 +69,10 @@ def stage_feature_loss(
         connectors: one module per stage (``nn.Identity`` where the channels agree), or None /
             empty for none.
         impl: the ``feature_mse`` backend (None: the compiled kernel of the tensors' device).
+        weight: the factor the caller multiplies this loss by before summing it into the loss it
+            calls ``backward()`` on (ADM's gamma), or None. It is passed on to ``feature_mse`` as
+            ``grad_weight = weight / 2^(N-i)``, so the CPU kernel writes each stage's gradient in
+            its forward pass; it does not change the value.
 
     Returns:
         The 0-d loss; only the student side (and the connectors) receives a gradient.
@@ -79,7 +84,9 @@ def stage_feature_loss(
         ft = feats_t[i].detach()
         size = min(fs.shape[-2:], ft.shape[-2:], key=lambda hw: hw[0] * hw[1])
         fs, ft = _to_size(fs, size), _to_size(ft, size)
-        loss = loss + ops.feature_mse(fs, ft.to(fs.dtype), impl=impl) / 2 ** (n - i)
+        scale = 2 ** (n - i)
+        hint = weight / scale if weight else None
+        loss = loss + ops.feature_mse(fs, ft.to(fs.dtype), impl=impl, grad_weight=hint) / scale
     return loss
 
 
@@ -239,7 +246,7 @@ class ADMLoss(nn.Module):
         Returns:
             The 0-d loss; only the student side (and phi) receives a gradient.
         """
-        return stage_feature_loss(feats_s, feats_t, self.connectors, impl=self.impl)
+        return stage_feature_loss(feats_s, feats_t, self.connectors, impl=self.impl, weight=self.gamma)
 
     def pooled(self, feat_s: torch.Tensor, feat_t: torch.Tensor):
         """The attention-weighted pools of the last stage (Eq. 6-8).
@@ -625,7 +632,8 @@ class DenseADMLoss(nn.Module):
             if self.beta != 0.0:
                 loss_di = self._term(teacher_head, out_t, attn_di, grid)
         if self.gamma != 0.0:
-            loss_feat = stage_feature_loss(out_s.features, out_t.features, self.connectors, impl=self.impl)
+            loss_feat = stage_feature_loss(out_s.features, out_t.features, self.connectors, impl=self.impl,
+                                           weight=self.gamma)
         return loss_co, loss_di, loss_feat
 
     def forward(self, out_s, out_t, labels: torch.Tensor) -> torch.Tensor:

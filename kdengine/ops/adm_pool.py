@@ -104,6 +104,7 @@ def _register(forward_name: str, backward_name: str) -> None:
         _, _, attn_co, attn_di = output
         ctx.save_for_backward(feat_s, feat_t, attn_co, attn_di)
         ctx.mark_non_differentiable(attn_co, attn_di)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs
 
     def backward(ctx, grad_s, grad_t, _grad_co, _grad_di):
         feat_s, feat_t, attn_co, attn_di = ctx.saved_tensors

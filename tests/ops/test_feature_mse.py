@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdengine.ops import feature_mse, feature_mse_reference
+from kdengine.ops import available_impls, feature_mse, feature_mse_reference
 
 from .helpers import DTYPES, assert_within_rule, impl_params, make_pair, require
 
@@ -74,3 +74,73 @@ def test_bad_input_names_the_argument():
         feature_mse(torch.randn(2, 3), torch.randn(3, 2))
     with pytest.raises(ValueError, match="feat_t must be float32"):
         feature_mse(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.int32))
+
+
+# ------------------------------------------------- grad_weight: the gradient written by the forward
+
+needs_cpu = pytest.mark.skipif("cpu" not in available_impls(torch.device("cpu")), reason="extension not built")
+
+
+def _loss_and_grad(s, t, weight, hint=None):
+    a = s.detach().requires_grad_()
+    out = feature_mse(a, t, impl="cpu", grad_weight=hint)
+    (weight * out).backward()
+    return out, a.grad, out.grad_fn
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_grad_weight_gives_the_same_bits(dtype, layout):
+    s, t = make_pair((3, 16, 9, 7), dtype, "cpu", layout)
+    weight = 0.01 / 4  # gamma / 2^(N-i) of ADM's ImageNet L_feat
+    out, grad, fn = _loss_and_grad(s, t, weight, hint=weight)
+    ref_out, ref_grad, ref_fn = _loss_and_grad(s, t, weight)
+    assert "feature_mse_and_grad" in fn.name() and "feature_mse_and_grad" not in ref_fn.name()
+    assert torch.equal(out, ref_out)
+    assert torch.equal(grad, ref_grad)
+    assert grad.stride() == ref_grad.stride()
+
+
+@needs_cpu
+def test_grad_weight_other_incoming_gradients_are_recomputed():
+    s, t = make_pair((2, 8, 6, 6))
+    _, grad, _ = _loss_and_grad(s, t, 3.0, hint=0.5)  # the hint is wrong: computed afresh
+    _, ref, _ = _loss_and_grad(s, t, 3.0)
+    assert torch.equal(grad, ref)
+    # a retained graph's second backward adds the same gradient again
+    a = s.detach().requires_grad_()
+    out = 0.5 * feature_mse(a, t, impl="cpu", grad_weight=0.5)
+    out.backward(retain_graph=True)
+    out.backward()
+    torch.testing.assert_close(a.grad, 2 * ref / 6.0, rtol=1e-6, atol=0)
+
+
+@needs_cpu
+def test_grad_weight_is_ignored_without_autograd():
+    s, t = make_pair((2, 8, 6, 6))
+    with torch.no_grad():
+        out = feature_mse(s.requires_grad_(), t, impl="cpu", grad_weight=0.5)
+    assert out.grad_fn is None
+    assert torch.equal(out, feature_mse(s.detach(), t, impl="cpu"))
+    assert feature_mse(s.detach(), t, impl="cpu", grad_weight=0.5).grad_fn is None
+
+
+@needs_cpu
+@pytest.mark.parametrize("hint", [None, 0.25])
+def test_streamed_outputs_match_the_reference(hint):
+    # 1.2M elements (4.8 MB): the gradient is written with streaming stores; the offset view and
+    # the odd length take the unaligned head and the tail of each thread's range.
+    base, other = torch.randn(1_200_003), torch.randn(1_200_003)
+    s, t = base[1:], other[1:]
+    a = s.clone().requires_grad_()
+    out = feature_mse(a, t, impl="cpu", grad_weight=hint)
+    (0.25 * out).backward()
+    torch.testing.assert_close(a.grad, 0.25 * 2 * (s - t) / s.numel(), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(out, ((s.double() - t.double()) ** 2).mean().float(), rtol=1e-6, atol=0)
+
+
+@needs_cpu
+def test_feature_mse_and_grad_opcheck():
+    s, t = make_pair((2, 8, 3, 4))
+    torch.library.opcheck(torch.ops.kdengine._feature_mse_and_grad.default, (s.requires_grad_(), t, 0.5))

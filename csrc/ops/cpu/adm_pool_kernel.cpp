@@ -16,6 +16,7 @@
 #include "../checks.h"
 #include "buffer_cache.h"
 #include "pixel_cosine.h"
+#include "stream_store.h"
 
 namespace kdengine {
 namespace cpu {
@@ -186,19 +187,26 @@ at::Tensor adm_pool_backward_cpu(const at::Tensor& grad_pooled, const at::Tensor
     const acc_t* ap = a.const_data_ptr<acc_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
     const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
-    if (layout == Layout::kNCHW) {
-      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bc = begin; bc < end; ++bc) {
-          masked_scaled_row(xp + bc * HW, ap + (bc / C) * HW, gp[bc] * inv_hw, HW, out + bc * HW);
-        }
-      });
-    } else {
-      at::parallel_for(0, B * HW, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bp = begin; bp < end; ++bp) {
-          masked_scaled_row(xp + bp * C, gp + (bp / HW) * C, ap[bp] * inv_hw, C, out + bp * C);
-        }
-      });
-    }
+    // The output as rows: NCHW [B*C, HW] rows weighted by the image's attention row and scaled by
+    // the pooled gradient; NHWC [B*HW, C] rows weighted by the pooled gradient row and scaled by
+    // the pixel's attention.
+    const bool nchw = layout == Layout::kNCHW;
+    const int64_t rows = nchw ? B * C : B * HW, len = nchw ? HW : C;
+    const bool stream = use_stream_stores(x.numel() * static_cast<int64_t>(sizeof(scalar_t)));
+    // Elements [first, first + m) of the output, row piece by row piece.
+    const auto block = [&](int64_t first, int64_t m, scalar_t* dst) {
+      for (int64_t done = 0; done < m;) {
+        const int64_t e = first + done, row = e / len, col = e % len;
+        const int64_t n = std::min(len - col, m - done);
+        const acc_t* w = nchw ? ap + (row / C) * HW : gp + (row / HW) * C;
+        const acc_t scale = (nchw ? gp[row] : ap[row]) * inv_hw;
+        masked_scaled_row(xp + e, w + col, scale, n, dst + done);
+        done += n;
+      }
+    };
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      blocked_output(out, begin * len, end * len, stream, block);
+    });
   });
   return grad;
 }

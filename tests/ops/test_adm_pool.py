@@ -151,3 +151,19 @@ def test_compiled_op_checks_its_arguments_too():
         torch.ops.kdengine.adm_pool(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 2))
     with pytest.raises(RuntimeError, match=r"grad_pooled must be \[B, C\]"):
         torch.ops.kdengine._adm_pool_backward(torch.randn(3, 3), torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4))
+
+
+@pytest.mark.skipif("cpu" not in ops.available_impls(torch.device("cpu")), reason="extension not built")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_gradients_are_streamed_correctly(layout):
+    # 4 MiB per gradient: the CPU backward writes it with streaming stores, in row pieces that
+    # cross row boundaries (49-pixel rows, 1024-element pieces).
+    shape = (8, 2675, 7, 7)
+    s, t = make_pair(shape, torch.float32, "cpu", layout)
+    w = torch.randn(2, shape[0], shape[1])
+    s_req, t_req = s.detach().requires_grad_(), t.detach().requires_grad_()
+    ps, pt = adm_pool(s_req, t_req, impl="cpu")
+    ((ps * w[0]).sum() + (pt * w[1]).sum()).backward()
+    _, _, rgs, rgt = _reference_with_grads(s, t, w)
+    torch.testing.assert_close(s_req.grad, rgs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t_req.grad, rgt, rtol=1e-5, atol=1e-7)

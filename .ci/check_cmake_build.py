@@ -11,4 +11,6 @@ info = module.build_info()
 s, t = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
 pooled_s, _, _, _ = torch.ops.kdengine.adm_pool(s, t, 1e-5)
 assert pooled_s.shape == (2, 8), pooled_s.shape
+# Built without OpenMP, at::parallel_for would run every kernel on one thread.
+assert info["openmp"] or "OpenMP" not in torch.__config__.parallel_info(), info
 print(f"cmake build OK: {info}")

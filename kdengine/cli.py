@@ -905,7 +905,8 @@ def _add_sweep_parser(sub) -> None:
                     "writes the table of a sweep folder.",
         epilog=_SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("overrides", nargs="*", metavar="key=v1,v2",
-                       help="dotted overrides; several comma-separated values make an axis")
+                       help="dotted overrides; several comma-separated values make an axis (a trailing "
+                            "comma: an axis of one value, named in the runs' folders)")
     sweep.add_argument("--config", help="experiment YAML (default: the embedded default)")
     sweep.add_argument("--name", help="the sweep folder's name (default: the config file's stem, or 'embedded')")
     sweep.add_argument("--output-dir", default="sweeps", help="parent of sweep folders (default: sweeps)")

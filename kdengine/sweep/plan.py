@@ -6,7 +6,10 @@ setting every run shares. A value is split at the commas outside brackets, brace
 ``optim.milestones=[150,225]`` stays one value and ``method.options.adm={gamma: 0},{alpha: 0, beta: 0}``
 is an axis of two mappings (several settings that change together, e.g. the paper's ablations).
 Axes vary in the order given, the last fastest. A run's directory is named by its axis values
-(``method.name=dml+adm_train.seed=0``); the settings shared by every run are not in the name.
+(``method.name=dml+adm_train.seed=0``); the settings shared by every run are not in the name. A
+trailing comma makes a one-value axis (``method.name=kd, train.seed=0,1``: runs named
+``method.name=kd_train.seed=0`` ...), so that sweeps run one value at a time into one folder (two
+processes on two cores, say) name their runs apart.
 
 Re-running a sweep into the same folder adds the runs it has not planned yet; a run whose name is
 planned already must have the same settings (else the folder holds two experiments under one
@@ -55,7 +58,8 @@ def split_values(text: str) -> list[str]:
 
 
 def parse_overrides(overrides: Sequence[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
-    """Split ``key=value`` items into axes (several values) and shared settings (one value).
+    """Split ``key=value`` items into axes (several values, or one with a trailing comma) and
+    shared settings (one value).
 
     Returns:
         ``(axes, fixed)``: ``[(key, [values])]`` in the given order, and the one-value items.
@@ -77,7 +81,9 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[list[tuple[str, list[str]
             raise SweepError(f"{key} is given twice; list its values once, separated by commas")
         seen.add(key)
         values = split_values(value)
-        if len(values) > 1:
+        if len(values) == 2 and values[0] and values[1] == "":  # "key=value,": a one-value axis
+            axes.append((key, values[:1]))
+        elif len(values) > 1:
             if any(v == "" for v in values):
                 raise SweepError(f"override {item!r} has an empty value between its commas")
             if len(set(values)) != len(values):
@@ -209,7 +215,9 @@ def merge_plan(sweep_dir: os.PathLike | str, config: Optional[str], runs: Sequen
             known[run.name] = run
         elif sorted(known[run.name].overrides) != sorted(run.overrides):
             raise SweepError(f"{sweep_dir / run.name} was planned with {list(known[run.name].overrides)}, now "
-                             f"{list(run.overrides)}; choose another --name for a sweep with other shared settings")
+                             f"{list(run.overrides)}; choose another --name for a sweep with other shared settings, "
+                             "or name the setting that differs in the runs' names with a trailing comma "
+                             "(e.g. method.name=kd,)")
     plan.seed_key = seed_key
     if write:
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,14 @@ def test_bad_overrides(overrides, message):
         parse_overrides(overrides)
 
 
+def test_a_trailing_comma_makes_a_one_value_axis():
+    runs = plan_runs(["method.name=kd,", "train.seed=0,1", "train.epochs=6"])
+    assert [r.name for r in runs] == ["method.name=kd_train.seed=0", "method.name=kd_train.seed=1"]
+    assert runs[0].overrides == ("train.epochs=6", "method.name=kd", "train.seed=0")
+    with pytest.raises(SweepError, match="empty value"):
+        parse_overrides(["train.seed=,"])
+
+
 def test_names_that_collide_are_refused():
     with pytest.raises(SweepError, match="share the directory"):
         plan_runs(["models.0.kwargs={a: 1},{a  : 1}"])

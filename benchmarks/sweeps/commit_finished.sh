@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 for sweep in */; do
+  [ -f "${sweep}sweep.json" ] || continue  # a single run kept beside the sweeps (e.g. a teacher)
   git add "${sweep}sweep.json"
   for f in table.md table.csv runs.csv; do [ -f "${sweep}$f" ] && git add "${sweep}$f"; done
   for run in "${sweep}"*/; do

@@ -124,6 +124,11 @@ class LocalLauncher:
         """
         results = {}
         for i, (run, command, run_dir) in enumerate(jobs, 1):
+            # Another process sweeping into the same folder may have finished it since the plan
+            # was read: starting it again would fail and mark a finished run failed.
+            if run_state(run_dir)["status"] == "completed":
+                say(f"[{i}/{len(jobs)}] {run.name}: finished meanwhile (another process): skipped")
+                continue
             say(f"[{i}/{len(jobs)}] {run.name}")
             attempt = run_training(command, run_dir, forward_sigterm=True)
             results[run.name] = attempt
